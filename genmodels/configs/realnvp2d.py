@@ -9,11 +9,25 @@ from genmodels.configs.base import check, in_open_unit, non_negative, positive
 
 @dataclass(frozen=True)
 class RealNVP2DConfig:
-    """RealNVP on 2D points: 14 affine couplings, alternating halves, nets 2 x 128."""
+    """RealNVP on 2D points: 14 affine couplings, alternating halves, nets 2 x 128.
+
+    Attributes:
+        n_layers, n_hidden, hidden_units: couplings, hidden layers per net, their width (seed: 14, 2, 128).
+        scale_bound: soft clamp ``b`` of each coupling's log-scale, ``s = b tanh(raw / b)``.
+        standardize: first map the data with the training set's mean/std (exact log-det
+            included, so NLLs stay in the data space).
+        lr, lr_decay: Adam learning rate and its exponential decay per epoch (seed: 1e-3, 0.999).
+        epochs: maximum number of epochs (seed: 500); early stopping usually ends sooner.
+        batch_size: points per step (seed: 2048).
+        patience, min_delta: early stopping on the validation NLL.
+        seed: seed of initialisation and shuffling (seed: 42).
+    """
 
     n_layers: int = 14
     n_hidden: int = 2
     hidden_units: int = 128
+    scale_bound: float = 3.0
+    standardize: bool = True
     lr: float = 1e-3
     lr_decay: float = 0.999
     epochs: int = 500
@@ -23,7 +37,18 @@ class RealNVP2DConfig:
     seed: int = 42
 
     def validate(self, prefix: str) -> None:
-        positive(prefix, self, "n_layers", "n_hidden", "hidden_units", "lr", "epochs", "batch_size", "patience")
+        positive(
+            prefix,
+            self,
+            "n_layers",
+            "n_hidden",
+            "hidden_units",
+            "scale_bound",
+            "lr",
+            "epochs",
+            "batch_size",
+            "patience",
+        )
         non_negative(prefix, self, "min_delta")
         in_open_unit(prefix, self, "lr_decay")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")

@@ -188,6 +188,35 @@ def checkerboard_mask_2d(height: int, width: int) -> Tensor:
     return ((r + c) % 2 == 0).flatten()
 
 
+class Standardize(Transform):
+    """Fixed element-wise affine map ``z = (x - mean) / std`` on flat inputs ``(B, D)``.
+
+    Used as the first transform of a flow so the couplings see roughly unit-scale data
+    while ``Flow.log_prob`` stays in the data space: the log-det ``-sum(log std)`` is
+    exact, so NLLs are comparable with the data's true entropy. ``mean`` and ``std`` are
+    persistent buffers (saved in the state dict), not trained parameters.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> None:
+        """Set ``mean``/``std`` from data ``x`` (N, D) (population std, floored at 1e-6)."""
+        self.mean.copy_(x.mean(dim=0).to(self.mean))
+        self.std.copy_(x.std(dim=0, unbiased=False).clamp_min(1e-6).to(self.std))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        ld = -torch.log(self.std).sum()
+        return (x - self.mean) / self.std, ld.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        ld = torch.log(self.std).sum()
+        return z * self.std + self.mean, ld.expand(z.shape[0])
+
+
 class StandardNormal(nn.Module):
     """Isotropic standard normal base distribution on ``shape``."""
 
@@ -244,7 +273,9 @@ class Flow(nn.Module):
     def sample_and_log_prob(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Samples (n, ...) and their log-density (n,) from one inverse pass."""
         p = next(self.parameters(), None)
-        z = self.base.sample(n, generator=generator, device=p.device if p is not None else None)
+        device = p.device if p is not None else None
+        dtype = p.dtype if p is not None else torch.float32
+        z = self.base.sample(n, generator=generator, device=device, dtype=dtype)
         x, ld_inv = self.transform.inverse(z)
         return x, self.base.log_prob(z) - ld_inv
 
