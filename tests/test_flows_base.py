@@ -13,6 +13,7 @@ from genmodels.flows.base import (
     AffineCoupling,
     Compose,
     Flow,
+    ScalarReLUMLP,
     StandardNormal,
     Standardize,
     alternating_masks,
@@ -174,3 +175,26 @@ def test_mask_must_split() -> None:
         AffineCoupling(torch.tensor([True, True]))
     with pytest.raises(ValueError, match="mask kind"):
         alternating_masks(2, 2, "diagonal")
+
+
+@pytest.mark.parametrize("n_hidden", [1, 2, 3])
+def test_scalar_relu_mlp_equals_plain_mlp_values_and_gradients(n_hidden: int) -> None:
+    net = ScalarReLUMLP(2, 16, n_hidden).double()
+    _randomize(net, seed=30, scale=1.0)
+    with torch.no_grad():  # units that never switch (w = 0), active and inactive
+        net[0].weight[3] = 0.0
+        net[0].bias[3] = 0.7
+        net[0].weight[5] = 0.0
+        net[0].bias[5] = -0.4
+    g = torch.Generator().manual_seed(31)
+    x = (torch.randn(400, 1, dtype=torch.float64, generator=g) * 3).requires_grad_(True)
+    fast = net(x)
+    plain = nn.Sequential.forward(net, x)  # the ordinary layer-by-layer evaluation
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
+    params = [x, *net.parameters()]
+    g_fast = torch.autograd.grad(fast.sin().sum(), params)
+    g_plain = torch.autograd.grad(plain.sin().sum(), params)
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # Same layers and state-dict keys as mlp(), so checkpoints are interchangeable.
+    assert net.state_dict().keys() == mlp(1, 2, 16, n_hidden).state_dict().keys()

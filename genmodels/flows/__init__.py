@@ -6,12 +6,14 @@ from genmodels.flows.base import (
     Compose,
     Coupling,
     Flow,
+    ScalarReLUMLP,
     StandardNormal,
     Standardize,
     Transform,
     alternating_masks,
     checkerboard_mask_2d,
     mlp,
+    relu_linear_1d,
 )
 
 __all__ = [
@@ -19,10 +21,12 @@ __all__ = [
     "Compose",
     "Coupling",
     "Flow",
+    "ScalarReLUMLP",
     "StandardNormal",
     "Standardize",
     "Transform",
     "alternating_masks",
     "checkerboard_mask_2d",
     "mlp",
+    "relu_linear_1d",
 ]

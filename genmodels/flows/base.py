@@ -71,6 +71,65 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+def relu_linear_1d(x: Tensor, w: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``relu(x w^T + b) @ weight^T + bias`` for a scalar input, without the ``B x H x H2`` matmul.
+
+    With a one-dimensional input, ``h(x) = relu(w x + b)`` is piecewise linear in ``x`` with
+    at most ``H`` kinks at ``t_j = -b_j / w_j``. Between consecutive kinks the set of active
+    units is fixed, so the next layer's pre-activation is ``P_k x + Q_k`` on segment ``k``
+    with ``P = (M * w) @ weight^T`` and ``Q = (M * b) @ weight^T + bias`` (``M`` (H+1, H) the
+    0/1 activity pattern of each segment). Building the tables costs ``(H+1) H H2`` and each
+    point only a lookup, instead of ``B H H2`` -- the bulk of a 2D RealNVP step, whose
+    conditioners all have one input. The result is the same function (equal up to float
+    rounding); gradients reach ``w``, ``b``, ``weight``, ``bias`` and ``x`` through autograd,
+    and match ReLU's everywhere except exactly on a kink.
+
+    Args:
+        x: ``(B, 1)`` inputs.
+        w, b: ``(H,)`` first-layer weight column and bias.
+        weight, bias: ``(H2, H)`` and ``(H2,)`` of the layer after the ReLU.
+
+    Returns:
+        ``(B, H2)`` pre-activations of the second layer.
+    """
+    hidden = w.shape[0]
+    with torch.no_grad():
+        flat = w == 0
+        # Units with w_j = 0 never switch: put their kink at +inf, their activity is b_j > 0.
+        kinks = torch.where(flat, torch.full_like(w, math.inf), -b / torch.where(flat, torch.ones_like(w), w))
+        kinks_sorted, order = torch.sort(kinks)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(hidden, device=w.device)
+        # segment k = number of kinks strictly left of x; kink j is left of segment k iff rank_j < k
+        left = rank.unsqueeze(0) < torch.arange(hidden + 1, device=w.device).unsqueeze(1)
+        active = ((w > 0) & left) | ((w < 0) & ~left) | (flat & (b > 0))
+        segment = torch.searchsorted(kinks_sorted, x.detach().reshape(-1).contiguous())
+    active = active.to(w.dtype)
+    slope = (active * w) @ weight.T  # (H+1, H2)
+    offset = torch.addmm(bias, active * b, weight.T)  # (H+1, H2)
+    return torch.addcmul(offset.index_select(0, segment), slope.index_select(0, segment), x)
+
+
+class ScalarReLUMLP(nn.Sequential):
+    """:func:`mlp` with one input and ReLU (same layers, same state-dict keys), evaluated with
+    :func:`relu_linear_1d` for its first hidden-to-hidden layer.
+
+    ``(B, 1) -> (B, out_features)``; with ``n_hidden = 1`` it is exactly the plain MLP.
+    """
+
+    def __init__(self, out_features: int, hidden: int, n_hidden: int) -> None:
+        super().__init__(*mlp(1, out_features, hidden, n_hidden, nn.ReLU))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(self) < 5:  # no hidden-to-hidden layer to shortcut
+            return super().forward(x)
+        first, second = self[0], self[2]
+        h = relu_linear_1d(x, first.weight[:, 0], first.bias, second.weight, second.bias)
+        for layer in list(self)[3:]:
+            h = layer(h)
+        return h
+
+
 class Coupling(Transform):
     """Coupling layer on flat inputs ``(B, D)``: the coordinates in ``mask`` condition an
     element-wise invertible map of the others.

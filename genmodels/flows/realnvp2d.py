@@ -2,7 +2,8 @@
 
 The model is ``Flow(Compose([Standardize, AffineCoupling x n_layers]), N(0, I_2))``; the
 couplings alternate which coordinate (x or y) is transformed, each conditioned on the other
-through an MLP with ``n_hidden`` hidden layers of ``hidden_units`` ReLU units.
+through an MLP with ``n_hidden`` hidden layers of ``hidden_units`` ReLU units (a
+:class:`~genmodels.flows.base.ScalarReLUMLP`, same weights as a plain MLP, faster).
 
 Reference: Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", ICLR 2017.
 """
@@ -20,7 +21,15 @@ from torch import Tensor
 
 from genmodels.configs.base import from_mapping, to_dict
 from genmodels.configs.realnvp2d import RealNVP2DConfig
-from genmodels.flows.base import AffineCoupling, Compose, Flow, StandardNormal, Standardize, alternating_masks
+from genmodels.flows.base import (
+    AffineCoupling,
+    Compose,
+    Flow,
+    ScalarReLUMLP,
+    StandardNormal,
+    Standardize,
+    alternating_masks,
+)
 from genmodels.training import (
     EarlyStopping,
     EpochCallback,
@@ -46,13 +55,17 @@ def _as_config(config: RealNVP2DConfig | Mapping[str, Any]) -> RealNVP2DConfig:
 def build_model(config: RealNVP2DConfig | Mapping[str, Any]) -> Flow:
     """A fresh RealNVP 2D flow from the ``realnvp2d`` params section.
 
+    Each conditioner is a :class:`ScalarReLUMLP` (one input coordinate): the same MLP as
+    :func:`genmodels.flows.base.mlp`, evaluated through its exact piecewise-linear form so a
+    training step costs ``O(B H)`` instead of ``O(B H^2)``.
+
     The coupling nets get PyTorch's default initialisation from the *global* RNG; the
     trainer wraps this call in :func:`torch.random.fork_rng` seeded from ``config.seed``
     so initialisation is reproducible without touching the caller's RNG.
     """
     cfg = _as_config(config)
     couplings = [
-        AffineCoupling(m, hidden=cfg.hidden_units, n_hidden=cfg.n_hidden, scale_bound=cfg.scale_bound)
+        AffineCoupling(m, net=ScalarReLUMLP(2, cfg.hidden_units, cfg.n_hidden), scale_bound=cfg.scale_bound)
         for m in alternating_masks(2, cfg.n_layers, "half")
     ]
     return Flow(Compose([Standardize(2), *couplings]), StandardNormal((2,)))
