@@ -30,9 +30,6 @@ from genmodels.data.images import prepare_images  # noqa: E402
 from genmodels.data.points2d import get_distribution, make_splits, read_points_csv, split_csv_points  # noqa: E402
 from genmodels.training import atomic_save  # noqa: E402
 
-ENTROPY_SAMPLES = 1 << 18
-
-
 def _resolve(path: str) -> Path:
     """A params path: as given if absolute or present relative to the working directory, else
     relative to the project's original root (queued DVC experiments run in a temp copy)."""
@@ -115,10 +112,10 @@ def _prepare_points(params, out_dir: Path) -> dict:  # noqa: ANN001
         summary["csv_rows"] = int(pts.shape[0])
     else:
         splits = make_splits(cfg.name, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-        h, se = get_distribution(cfg.name).entropy(n=ENTROPY_SAMPLES, seed=cfg.seed + 1)
+        h, se = get_distribution(cfg.name).entropy(n=cfg.entropy_samples, seed=cfg.seed + 1)
         summary["true_entropy"] = h
         summary["true_entropy_se"] = se
-        click.echo(f"prepare@points2d: {cfg.name}: true entropy {h:.4f} +- {se:.4f} nats (Monte-Carlo, {ENTROPY_SAMPLES} samples)", err=True)
+        click.echo(f"prepare@points2d: {cfg.name}: true entropy {h:.4f} +- {se:.4f} nats (Monte-Carlo, {cfg.entropy_samples} samples)", err=True)
     summary.update({"n_train": int(splits.train.shape[0]), "n_val": int(splits.val.shape[0]), "n_test": int(splits.test.shape[0])})
     payload = {"train": splits.train, "val": splits.val, "test": splits.test, "name": cfg.name}
     if "true_entropy" in summary:

@@ -29,7 +29,7 @@ TINY_PARAMS: dict[str, Any] = {
     "data": {
         "mnist": {"split": "test", "mirror": str(SHARED_DATA), "download": False},
         "fashion_mnist": {"split": "train", "mirror": str(SHARED_DATA), "download": False},
-        "points2d": {"name": "two_moons", "n_train": 512, "n_val": 128, "n_test": 256, "seed": 0},
+        "points2d": {"name": "two_moons", "n_train": 512, "n_val": 128, "n_test": 256, "seed": 0, "entropy_samples": 8192},
     },
 }
 

@@ -65,6 +65,7 @@ class Points2DConfig:
         csv_path: the user's file of 2D points (``x,y`` per row, optional header); only for ``csv``.
         n_train, n_val, n_test: sizes (for ``csv`` the file is split with these fractions of its rows).
         seed: seed of the generator (and of the CSV split).
+        entropy_samples: Monte-Carlo samples for the true entropy (its standard error is reported).
     """
 
     name: Literal["two_moons", "eight_gaussians", "checkerboard", "pinwheel", "two_spirals", "rings", "csv"] = (
@@ -75,9 +76,10 @@ class Points2DConfig:
     n_val: int = 8192
     n_test: int = 16384
     seed: int = 0
+    entropy_samples: int = 262144
 
     def validate(self, prefix: str) -> None:
-        positive(prefix, self, "n_train", "n_val", "n_test")
+        positive(prefix, self, "n_train", "n_val", "n_test", "entropy_samples")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")
         if self.name == "csv":
             check(

@@ -117,7 +117,8 @@ def write_idx(array: np.ndarray, path: str | os.PathLike[str]) -> None:
         raise ValueError(f"write_idx supports uint8 and int32, got {dt}")
     header = bytes([0, 0, codes[dt], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     body = array.astype(dt.newbyteorder(">")).tobytes()
-    with gzip.open(path, "wb", mtime=0) as fh:
+    # mtime=0: the same array always gives the same bytes
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
         fh.write(header + body)
 
 
