@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from genmodels.configs.base import check, in_unit, non_negative, positive
+from genmodels.configs.base import check, non_negative, positive
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,6 @@ class FlowConfig:
             coupling after the first, so later couplings see mixed coordinates.
         actnorm: a data-initialised ActNorm after every coupling.
         scale_bound: soft clamp ``b`` of the couplings' log-scale (``b tanh(s / b)``).
-        dropout: dropout inside the coupling MLPs (regularisation; 6k training images).
         lr, weight_decay: AdamW.
         lr_decay: exponential learning-rate decay per epoch.
         epochs, batch_size, patience: training length, minibatch, early-stopping patience
@@ -42,21 +41,20 @@ class FlowConfig:
     hidden_units: int = 512
     n_hidden: int = 2
     mask: Literal["half", "checkerboard"] = "half"
-    logit_lambda: float = 0.05
+    logit_lambda: float = 0.001
     whiten: Literal["none", "fixed", "learned"] = "fixed"
     linear_between: bool = False
     actnorm: bool = False
     scale_bound: float = 3.0
-    dropout: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_decay: float = 0.95
-    epochs: int = 100
+    epochs: int = 12
     batch_size: int = 256
-    patience: int = 10
+    patience: int = 4
     grad_clip: float = 100.0
     seed: int = 0
-    sample_every: int = 5
+    sample_every: int = 3
     n_samples: int = 64
     temperature: float = 0.8
     eval_batch_size: int = 1000
@@ -81,6 +79,4 @@ class FlowConfig:
         non_negative(prefix, self, "weight_decay", "sample_every")
         check(0 < self.logit_lambda < 0.5, f"{prefix}.logit_lambda", self.logit_lambda, "a number in (0, 0.5)")
         check(0 < self.lr_decay <= 1, f"{prefix}.lr_decay", self.lr_decay, "a number in (0, 1]")
-        in_unit(prefix, self, "dropout")
-        check(self.dropout < 1, f"{prefix}.dropout", self.dropout, "a number in [0, 1)")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")
