@@ -282,6 +282,29 @@ def test_gaussian_baseline_log_prob_vs_scipy() -> None:
     assert np.all(np.abs(s.mean(0).numpy() - x.numpy().mean(0)) < 4 * se)
 
 
+def test_gaussian_validated_ridge_maximises_validation_loglik() -> None:
+    """Fewer points than dimensions: the chosen ridge is the grid's best by scipy's own log-pdf."""
+    g = gen(23)
+    a = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64) @ a.T + 0.3 * torch.randn(
+        10, 12, generator=g, dtype=torch.float64
+    )
+    val = torch.randn(40, 3, generator=g, dtype=torch.float64) @ a.T + 0.3 * torch.randn(
+        40, 12, generator=g, dtype=torch.float64
+    )
+    ridges = [1e-6, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0]
+    base, record = GaussianBaseline.fit_validated(x, val, ridges=ridges)
+    cov = np.cov(x.numpy(), rowvar=False)
+    ref = [
+        scipy.stats.multivariate_normal(x.numpy().mean(0), cov + r * np.eye(12)).logpdf(val.numpy()).mean()
+        for r in ridges
+    ]
+    np.testing.assert_allclose(record["val_loglik"], ref, rtol=1e-9)
+    best = ridges[int(np.argmax(ref))]
+    assert 1e-3 < best < 3.0  # an interior optimum: neither the singular nor the over-smoothed end
+    np.testing.assert_allclose(base.cov.numpy(), cov + best * np.eye(12), rtol=1e-12)
+
+
 def test_kde_log_prob_vs_scipy_mixture() -> None:
     g = gen(16)
     centers, pts = (

@@ -89,11 +89,13 @@ def seeded_split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> tuple
 
 
 def _init(model: nn.Module, generator: torch.Generator) -> None:
-    """Kaiming-uniform weights and zero biases drawn from ``generator`` (not the global RNG)."""
+    """He-uniform weights (ReLU layers), a 1/sqrt(fan_in) bound for the output layer (logits start
+    small, loss near log 10), zero biases; all drawn from ``generator`` (not the global RNG)."""
+    head = getattr(model, "head", None)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             fan_in = m.weight[0].numel()
-            bound = math.sqrt(6.0 / fan_in)
+            bound = math.sqrt(1.0 / fan_in) if m is head else math.sqrt(6.0 / fan_in)
             with torch.no_grad():
                 m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 2 * bound - bound)
                 m.bias.zero_()

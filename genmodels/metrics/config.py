@@ -60,8 +60,13 @@ class EvaluateConfig:
             floor compares the same number of training images with them).
         kde_max_centers: training points kept as KDE centres (seeded subset).
         kde_grid: bandwidths tried on validation data (log-spaced around Scott's rule).
-        gaussian_ridge: added to the Gaussian baseline's covariance diagonal.
+        gaussian_ridge: added to the 2D Gaussian baseline's covariance diagonal (the image
+            Gaussians choose theirs on validation images: MNIST has fewer zeros than pixels).
         timing_points: points sampled to time the DDPM samplers (reported per 1,000).
+        nll_bound_points: test points of the DDPM's full negative ELBO (all L steps each;
+            0 = the whole test set).
+        image_logit_lambda: logit lambda of the EBM's image baselines (the flow's baselines use
+            the flow's own lambda, so their bits/dim are comparable with it).
         seed: every random draw of the evaluation (samples, dequantization, directions).
     """
 
@@ -73,11 +78,19 @@ class EvaluateConfig:
     kde_grid: int = 13
     gaussian_ridge: float = 1e-6
     timing_points: int = 1000
+    nll_bound_points: int = 0
+    image_logit_lambda: float = 0.001
     seed: int = 0
 
     def validate(self, prefix: str) -> None:
         positive(prefix, self, "n_samples", "swd_projections", "n_fid", "kde_max_centers", "kde_grid", "timing_points")
-        non_negative(prefix, self, "gaussian_ridge")
+        non_negative(prefix, self, "gaussian_ridge", "nll_bound_points")
+        check(
+            0 < self.image_logit_lambda < 0.5,
+            f"{prefix}.image_logit_lambda",
+            self.image_logit_lambda,
+            "a number in (0, 0.5)",
+        )
         check(self.n_samples >= 2, f"{prefix}.n_samples", self.n_samples, "an integer >= 2")
         check(
             len(self.mmd_bandwidths) > 0 and all(h > 0 for h in self.mmd_bandwidths),
