@@ -43,8 +43,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _timeit(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs (after one warm-up run)."""
-    fn()
+    """Median seconds of ``fn`` over ``repeats`` runs (warm-up is the caller's)."""
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -109,32 +108,45 @@ def main() -> None:
         f"layers={cfg.n_layers} net={cfg.n_hidden}x{cfg.hidden_units} batch={cfg.batch_size}"
     )
 
-    results: dict[str, dict[str, float]] = {}
-
+    # Both implementations' jobs are timed round-robin (A, B, A, B, ...) so that a change in
+    # machine load during the run hits both alike; each figure is the median over repeats.
+    jobs: dict[str, dict[str, Callable[[], object]]] = {}
     ours = init_model(cfg, x_train.cpu()).to(device)
-    step = _train_steps(lambda xb: -ours.log_prob(xb).mean(), ours.parameters(), x_train, cfg.batch_size, args.steps, 1)
-    t_train = _timeit(step, device, args.repeats)
-    with torch.no_grad():
-        t_lp = _timeit(lambda: ours.log_prob(x_test), device, args.repeats)
-        sg = make_generator(0, device)
-        t_s = _timeit(lambda: ours.sample(N_SAMPLE, generator=sg), device, args.repeats)
-    results["genmodels"] = {"steps_s": args.steps / t_train, "logprob_ms": t_lp * 1e3, "sample_pts_s": N_SAMPLE / t_s}
-
+    sg = make_generator(0, device)
+    jobs["genmodels"] = {
+        "train": _train_steps(
+            lambda xb: -ours.log_prob(xb).mean(), ours.parameters(), x_train, cfg.batch_size, args.steps, 1
+        ),
+        "log_prob": lambda: ours.log_prob(x_test),
+        "sample": lambda: ours.sample(N_SAMPLE, generator=sg),
+    }
     if not args.skip_peer:
         import normflows as nf
 
         torch.manual_seed(0)
         peer = build_normflows(cfg).to(device)
-        step = _train_steps(peer.forward_kld, peer.parameters(), x_train, cfg.batch_size, args.steps, 1)
-        t_train = _timeit(step, device, args.repeats)
-        with torch.no_grad():
-            t_lp = _timeit(lambda: peer.log_prob(x_test), device, args.repeats)
-            t_s = _timeit(lambda: peer.sample(N_SAMPLE), device, args.repeats)
-        results[f"normflows {nf.__version__}"] = {
-            "steps_s": args.steps / t_train,
-            "logprob_ms": t_lp * 1e3,
-            "sample_pts_s": N_SAMPLE / t_s,
+        jobs[f"normflows {nf.__version__}"] = {
+            "train": _train_steps(peer.forward_kld, peer.parameters(), x_train, cfg.batch_size, args.steps, 1),
+            "log_prob": lambda: peer.log_prob(x_test),
+            "sample": lambda: peer.sample(N_SAMPLE),
         }
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in j} for n, j in jobs.items()}
+    for what in ("train", "log_prob", "sample"):
+        grad = torch.enable_grad() if what == "train" else torch.no_grad()
+        with grad:
+            for name in jobs:
+                jobs[name][what]()  # warm-up
+            for _ in range(args.repeats):
+                for name in jobs:
+                    times[name][what].append(_timeit(jobs[name][what], device, 1))
+    results = {
+        name: {
+            "steps_s": args.steps / statistics.median(t["train"]),
+            "logprob_ms": statistics.median(t["log_prob"]) * 1e3,
+            "sample_pts_s": N_SAMPLE / statistics.median(t["sample"]),
+        }
+        for name, t in times.items()
+    }
 
     print(f"{'implementation':<20}{'train steps/s':>15}{'log_prob 16k (ms)':>20}{'sample pts/s':>15}")
     for name, r in results.items():

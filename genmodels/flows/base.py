@@ -78,8 +78,9 @@ def relu_linear_1d(x: Tensor, w: Tensor, b: Tensor, weight: Tensor, bias: Tensor
     at most ``H`` kinks at ``t_j = -b_j / w_j``. Between consecutive kinks the set of active
     units is fixed, so the next layer's pre-activation is ``P_k x + Q_k`` on segment ``k``
     with ``P = (M * w) @ weight^T`` and ``Q = (M * b) @ weight^T + bias`` (``M`` (H+1, H) the
-    0/1 activity pattern of each segment). Building the tables costs ``(H+1) H H2`` and each
-    point only a lookup, instead of ``B H H2`` -- the bulk of a 2D RealNVP step, whose
+    0/1 activity pattern of each segment). Neighbouring segments differ by one unit, so the
+    tables are a running sum over the sorted kinks (``O(H H2)``) and each point costs only a
+    lookup and an ``O(H2)`` affine map, instead of the ``B H H2`` matmul -- the bulk of a 2D RealNVP step, whose
     conditioners all have one input. The result is the same function (equal up to float
     rounding); gradients reach ``w``, ``b``, ``weight``, ``bias`` and ``x`` through autograd,
     and match ReLU's everywhere except exactly on a kink.
@@ -92,22 +93,25 @@ def relu_linear_1d(x: Tensor, w: Tensor, b: Tensor, weight: Tensor, bias: Tensor
     Returns:
         ``(B, H2)`` pre-activations of the second layer.
     """
-    hidden = w.shape[0]
     with torch.no_grad():
         flat = w == 0
-        # Units with w_j = 0 never switch: put their kink at +inf, their activity is b_j > 0.
+        # Units with w_j = 0 never switch: their kink sits at +inf and their activity is b_j > 0.
         kinks = torch.where(flat, torch.full_like(w, math.inf), -b / torch.where(flat, torch.ones_like(w), w))
         kinks_sorted, order = torch.sort(kinks)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(hidden, device=w.device)
-        # segment k = number of kinks strictly left of x; kink j is left of segment k iff rank_j < k
-        left = rank.unsqueeze(0) < torch.arange(hidden + 1, device=w.device).unsqueeze(1)
-        active = ((w > 0) & left) | ((w < 0) & ~left) | (flat & (b > 0))
+        # Leftmost segment (x -> -inf): units with w_j < 0 are on. Crossing kink j to the right
+        # switches unit j on (w_j > 0) or off (w_j < 0).
+        active_left = ((w < 0) | (flat & (b > 0))).to(w.dtype)
+        toggle = torch.sign(w).index_select(0, order)
+        # segment k = number of kinks strictly left of x
         segment = torch.searchsorted(kinks_sorted, x.detach().reshape(-1).contiguous())
-    active = active.to(w.dtype)
-    slope = (active * w) @ weight.T  # (H+1, H2)
-    offset = torch.addmm(bias, active * b, weight.T)  # (H+1, H2)
-    return torch.addcmul(offset.index_select(0, segment), slope.index_select(0, segment), x)
+    # Per-unit contributions to the next layer, (H, 2 * H2): [w_j * weight[:, j], b_j * weight[:, j]].
+    contrib = torch.cat([w.unsqueeze(1) * weight.T, b.unsqueeze(1) * weight.T], dim=1)
+    start = active_left @ contrib + torch.cat([torch.zeros_like(bias), bias])
+    # Segment tables (H+1, 2 * H2) as a running sum over the sorted kinks: O(H H2), not O(H^2 H2).
+    steps = torch.cumsum(toggle.unsqueeze(1) * contrib.index_select(0, order), dim=0)
+    table = torch.cat([start.unsqueeze(0), start + steps], dim=0)
+    slope, offset = table.index_select(0, segment).chunk(2, dim=1)
+    return torch.addcmul(offset, slope, x)
 
 
 class ScalarReLUMLP(nn.Sequential):
