@@ -4,7 +4,7 @@ Reference: Du & Mordatch, "Implicit Generation and Modeling with Energy-Based Mo
 """
 
 from genmodels.ebm.buffer import ReplayBuffer
-from genmodels.ebm.langevin import BufferSampler, langevin, sample_from_noise
+from genmodels.ebm.langevin import BufferSampler, langevin, sample_from_noise, sample_model
 from genmodels.ebm.model import IMAGE_SHAPE, N_PIXELS, EnergyMLP, build_model, load_trained
 from genmodels.ebm.trainer import (
     EBMDivergenceError,
@@ -30,5 +30,6 @@ __all__ = [
     "langevin",
     "load_trained",
     "sample_from_noise",
+    "sample_model",
     "train_ebm",
 ]

@@ -14,7 +14,8 @@ produce data (Nijkamp et al. 2019, "On the anatomy of MCMC-based maximum likelih
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -141,3 +142,33 @@ def sample_from_noise(
         clamp=clamp,
         generator=generator,
     )
+
+
+def sample_model(
+    energy: Energy,
+    config: Mapping[str, Any],
+    n: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    n_steps: int | None = None,
+) -> Tensor:
+    """Samples of a trained EBM: long-run Langevin from uniform noise with the training sampler's
+    settings from ``config`` (an ``ebm`` params dict) and ``n_steps`` (default ``sample_steps``).
+
+    Returns:
+        Images ``(n, 1, 28, 28)`` in [0, 1].
+    """
+    steps = int(config.get("sample_steps", 256)) if n_steps is None else int(n_steps)
+    x = sample_from_noise(
+        energy,
+        n,
+        (784,),
+        n_steps=steps,
+        step_size=float(config["step_size"]),
+        noise_std=float(config["noise_std"]),
+        grad_clip=float(config["grad_clip"]),
+        generator=generator,
+        device=device,
+    )
+    return x.reshape(n, 1, 28, 28)
