@@ -8,7 +8,8 @@ Usage (dvc.yaml runs it once per model, as `evaluate@<model>`):
 Reads ``models/<model>/model.pt`` and the prepared data it needs (the image models also the
 other image data set, for OOD, and ``models/classifier/<dataset>.pt`` for the FID); writes
 ``metrics/<model>.json`` and, for the image models, one ROC curve CSV per AUROC under
-``plots/<model>/roc_<key>.csv``; logs everything to MLflow. The per-model work is in
+``plots/roc/<model>/<key>.csv`` (the folder exists, empty, for the 2D models); logs everything
+to MLflow. The per-model work is in
 :mod:`genmodels.evaluation`.
 """
 
@@ -92,9 +93,11 @@ def main(
         run.set_tags({"model": model_name})
         run.log_metrics({k: v for k, v in ev.metrics.items() if isinstance(v, (int, float))})
         run.log_dict({"metrics": ev.metrics, "notes": ev.notes}, f"evaluate_{model_name}.json")
-        out_dir = plots_dir / model_name
+        # Always created (empty for the 2D models): it is the stage's declared output directory.
+        out_dir = plots_dir / "roc" / model_name
+        out_dir.mkdir(parents=True, exist_ok=True)
         for key, (fpr, tpr) in sorted(ev.roc.items()):
-            path = out_dir / f"roc_{key}.csv"
+            path = out_dir / f"{key}.csv"
             atomic_write_text(_roc_csv(fpr, tpr), path)
             run.log_artifact(path, "roc")
     write_json(metrics_dir / f"{model_name}.json", ev.metrics)

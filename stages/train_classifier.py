@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 import yaml
+
+# Heavy imports (data, classifier) live inside the functions: `evaluate` imports this module for
+# load_all_params only, and DVC lists as its deps exactly what it imports.
 
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -36,11 +38,7 @@ from _common import (  # noqa: E402
 
 from genmodels.configs import ConfigError, Params, flatten, load_params, to_dict  # noqa: E402
 from genmodels.configs.base import from_mapping  # noqa: E402
-from genmodels.data.idx import as_tensor, locate  # noqa: E402
-from genmodels.data.images import DATASET_DIRS  # noqa: E402
-from genmodels.metrics.classifier import save_classifier, seeded_split, train_classifier  # noqa: E402
 from genmodels.metrics.config import ClassifierConfig, EvaluateConfig  # noqa: E402
-from genmodels.training import History  # noqa: E402
 
 STAGE = "train_classifier"
 
@@ -78,6 +76,12 @@ def _resolve(path: str) -> Path:
 
 def load_labelled(dataset: str, params: Params, clf: ClassifierConfig, raw_dir: Path) -> tuple:
     """``train_x, train_y, test_x, test_y, source`` for the classifier of ``dataset`` (all ten classes)."""
+    import torch
+
+    from genmodels.data.idx import as_tensor, locate
+    from genmodels.data.images import DATASET_DIRS
+    from genmodels.metrics.classifier import seeded_split
+
     cfg = getattr(params.data, dataset)
     folder = DATASET_DIRS[dataset]
     mirror = _resolve(cfg.mirror) if cfg.mirror else None
@@ -123,6 +127,9 @@ def main(
     dataset: str, params_path: str, raw_dir: Path, out_path: Path | None, metrics_path: Path | None, plots_dir: Path
 ) -> None:
     """Train the FID classifier of DATASET (mnist or fashion_mnist)."""
+    from genmodels.metrics.classifier import save_classifier, train_classifier
+    from genmodels.training import History
+
     params, clf, _ = load_all_params(params_path)
     device = setup_torch(params)
     out_path = out_path or Path("models/classifier") / f"{dataset}.pt"

@@ -7,6 +7,9 @@ flow's. A model that does not beat them has learnt less than a mean and a covari
 "the training set, blurred".
 
 Both expose ``log_prob(x) -> (B,)`` (nats) and ``sample(n, generator) -> (n, D)``.
+
+The image flow's transforms are imported where the image wrapper needs them, so evaluating a
+2D model does not depend on (and is not re-run by DVC for changes in) the image-flow code.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from genmodels.flows.image import ImageToVector, Logit, Scale, bits_per_dim, dequantize, quantize
 
 
 class GaussianBaseline:
@@ -208,6 +209,8 @@ class ImageSpace:
     logit_lambda: float
 
     def __post_init__(self) -> None:
+        from genmodels.flows.image import ImageToVector, Logit, Scale
+
         self._layers = [ImageToVector(self.shape), Scale(256.0), Logit(self.logit_lambda)]
         self.dim = math.prod(self.shape)
 
@@ -258,6 +261,8 @@ class ImageBaseline:
         Returns:
             The baseline and its fit record (the validation curve; empty for a fixed ridge).
         """
+        from genmodels.flows.image import dequantize
+
         space = ImageSpace(tuple(train.shape[1:]), logit_lambda)
         lt, _ = space.forward(dequantize(train, generator))
         if kind == "gaussian":
@@ -279,6 +284,8 @@ class ImageBaseline:
 
     def bpd(self, images: Tensor, generator: torch.Generator, batch_size: int = 1000) -> Tensor:
         """uint8 images (N, H, W) -> bits per dimension (N,), one dequantization draw each."""
+        from genmodels.flows.image import bits_per_dim, dequantize
+
         out = [
             bits_per_dim(self.log_prob_pixels(dequantize(images[i : i + batch_size], generator)), self.space.dim)
             for i in range(0, images.shape[0], batch_size)
@@ -287,6 +294,8 @@ class ImageBaseline:
 
     def sample_images(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` uint8 images (n, H, W): baseline draws in logit space, mapped back and quantized."""
+        from genmodels.flows.image import quantize
+
         return quantize(self.space.inverse(self.base.sample(n, generator)))
 
 
