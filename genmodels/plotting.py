@@ -46,7 +46,7 @@ def save_png(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    fig.savefig(path, dpi=DPI, metadata={"Software": None}, bbox_inches="tight", pad_inches=0.1)
     return path
 
 
@@ -104,7 +104,7 @@ def scatter_panels(
         if lim is not None:
             ax.set_xlim(lim[0], lim[1])
             ax.set_ylim(lim[2], lim[3])
-        ax.set_aspect("equal")
+        ax.set_box_aspect(1)  # square panels; the limits are square, so x and y scale alike
         xl, yl = axis_labels[i] if axis_labels else ("x1", "x2")
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
@@ -334,7 +334,7 @@ def process_figure(
             lim = limits[c]
             ax.set_xlim(lim[0], lim[1])
             ax.set_ylim(lim[2], lim[3])
-            ax.set_aspect("equal")
+            ax.set_box_aspect(1)  # square panels; the limits are square, so x and y scale alike
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"t = {t}", fontsize=9)
