@@ -44,6 +44,9 @@ TINY = EBMConfig(
     patience=10,
     sample_every=2,
     sample_steps=10,
+    lr_decay=1.0,
+    min_epochs=1,
+    ema_decay=0.9,  # exercised everywhere: determinism, resume and rollback must carry the average too
 )
 
 
@@ -108,6 +111,9 @@ def test_training_is_deterministic_and_reports_series() -> None:
     # Best checkpoint = epoch with the lowest validation loss.
     best = min(rows, key=lambda r: r[1]["val_loss"])
     assert a.best_epoch == best[0] and a.best_val_loss == best[1]["val_loss"]
+    # With min_epochs, earlier epochs are never selected.
+    c = train_ebm(dataclasses.replace(TINY, min_epochs=2), train, val)
+    assert c.best_epoch == min((2, 3), key=lambda e: rows[e - 1][1]["val_loss"])
 
 
 def test_resume_after_interruption_is_byte_identical(tmp_path: Path) -> None:

@@ -24,6 +24,9 @@ class EBMConfig:
         alpha: weight of the L2 energy penalty ``alpha * (E_real^2 + E_fake^2)``.
         lr, beta1, beta2: Adam settings (beta1 = 0: momentum destabilises the moving CD target).
         lr_decay: multiplicative learning-rate decay per epoch.
+        ema_decay: Polyak (exponential moving) average of the weights, updated every batch; the
+            average is validated, kept as the best checkpoint and returned (0 = off, the live
+            weights). The Langevin sampler always uses the live weights.
         epochs, batch_size: training length and batch size.
         buffer_size, reinit_prob: replay buffer of persistent chains and the chance that a drawn
             chain restarts from uniform noise.
@@ -32,6 +35,8 @@ class EBMConfig:
         data_noise: std of Gaussian noise added to real images (keeps the energy smooth
             between the discrete pixel values).
         patience: early-stopping patience on the validation loss (epochs).
+        min_epochs: epochs before the best checkpoint and early stopping consider the validation
+            loss (early on the chains lag behind the model and the loss is spuriously low).
         max_energy: a batch with |E| above this (or any NaN/inf) counts as a divergence.
         max_rollbacks: divergences survived by rolling back before training fails.
         rollback_lr_factor: the learning rate is multiplied by this after each rollback.
@@ -47,10 +52,11 @@ class EBMConfig:
     lr: float = 1e-4
     beta1: float = 0.0
     beta2: float = 0.999
-    lr_decay: float = 1.0
-    epochs: int = 60
-    batch_size: int = 128
-    buffer_size: int = 8192
+    lr_decay: float = 0.9
+    ema_decay: float = 0.98
+    epochs: int = 20
+    batch_size: int = 64
+    buffer_size: int = 512
     reinit_prob: float = 0.05
     langevin_steps: int = 60
     step_size: float = 10.0
@@ -58,6 +64,7 @@ class EBMConfig:
     grad_clip: float = 0.03
     data_noise: float = 5e-3
     patience: int = 10
+    min_epochs: int = 5
     max_energy: float = 1e4
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
@@ -86,12 +93,14 @@ class EBMConfig:
             "noise_std",
             "grad_clip",
             "patience",
+            "min_epochs",
             "max_energy",
             "sample_steps",
         )
         non_negative(prefix, self, "data_noise", "max_rollbacks", "sample_every")
         in_unit(prefix, self, "reinit_prob", "beta1", "rollback_reinit_fraction")
         check(0 <= self.beta2 < 1, f"{prefix}.beta2", self.beta2, "a number in [0, 1)")
+        check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", self.ema_decay, "a number in [0, 1)")
         check(0 < self.lr_decay <= 1, f"{prefix}.lr_decay", self.lr_decay, "a number in (0, 1]")
         check(
             0 < self.rollback_lr_factor < 1,

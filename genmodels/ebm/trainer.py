@@ -139,6 +139,10 @@ class _Trainer:
         # Re-draw the weights from our own generator: nn.Linear's init uses the global RNG.
         _init_weights(self.model, g_init)
         self.model.to(device)
+        # Polyak average of the weights: the live weights oscillate (beta1 = 0, a moving CD
+        # target); the average is what validation, the best checkpoint and users see.
+        self.ema: EnergyMLP | None = copy.deepcopy(self.model).requires_grad_(False) if config.ema_decay > 0 else None
+        self.ema_updates = 0
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
         self.g_data = make_generator(config.seed + 1, device)
         self.g_langevin = make_generator(config.seed + 2, device)
@@ -167,7 +171,7 @@ class _Trainer:
         self.early = EarlyStopping(config.patience)
         self.history = History()
         self.epoch = 0
-        self.best_state = _clone_state(self.model.state_dict())
+        self.best_state = _clone_state(self.eval_model.state_dict())
         self.events: list[RollbackEvent] = []
         self.stopped_early = False
 
@@ -180,6 +184,8 @@ class _Trainer:
             "config": self.config_dict,
             "epoch": self.epoch,
             "model": _clone_state(self.model.state_dict(), cpu=True),
+            "ema": _clone_state(self.eval_model.state_dict(), cpu=True),
+            "ema_updates": self.ema_updates,
             "optimizer": _cpu(copy.deepcopy(self.optimizer.state_dict())),
             "buffer": self.buffer.state_dict(),
             "g_data": generator_state(self.g_data),
@@ -195,6 +201,9 @@ class _Trainer:
         """Load a :meth:`snapshot`; ``generators=False`` keeps the current RNG streams (rollback)."""
         self.epoch = int(snap["epoch"])
         self.model.load_state_dict(snap["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(snap["ema"])
+        self.ema_updates = int(snap["ema_updates"])
         self.optimizer.load_state_dict(snap["optimizer"])
         if generators:
             self.buffer.load_state_dict(snap["buffer"])
@@ -210,6 +219,11 @@ class _Trainer:
         self.best_state = _clone_state(snap["best_state"], device=self.device)
         self.events = [RollbackEvent(**e) for e in snap["events"]]
         self.stopped_early = bool(snap["stopped_early"])
+
+    @property
+    def eval_model(self) -> EnergyMLP:
+        """The weights that are validated and kept: the average when ``ema_decay > 0``."""
+        return self.ema if self.ema is not None else self.model
 
     @property
     def lr(self) -> float:
@@ -244,6 +258,14 @@ class _Trainer:
             loss.backward()
             grad_sq = torch.stack([p.grad.pow(2).sum() for p in self.model.parameters() if p.grad is not None]).sum()
             self.optimizer.step()
+            if self.ema is not None:
+                # Warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates): early on
+                # the average would otherwise be dominated by the random initial weights.
+                self.ema_updates += 1
+                decay = min(cfg.ema_decay, (1.0 + self.ema_updates) / (10.0 + self.ema_updates))
+                with torch.no_grad():
+                    for p_avg, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                        p_avg.lerp_(p, 1.0 - decay)
             with torch.no_grad():
                 stats = torch.stack([loss, cd, reg, e_real.mean(), e_fake.mean()]).detach()
                 sums += stats
@@ -272,9 +294,10 @@ class _Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation loss: held-out zeros against the model's own chains (fixed buffer slots)."""
+        model = self.eval_model
         self.model.eval()
-        e_val = torch.cat([self.model(b) for b in self.val_x.split(1024)])
-        e_neg = self.model(self.buffer.examples[self.val_slots])
+        e_val = torch.cat([model(b) for b in self.val_x.split(1024)])
+        e_neg = model(self.buffer.examples[self.val_slots])
         loss, _, _ = cd_loss(e_val, e_neg, self.config.alpha)
         self.model.train()
         return {
@@ -352,9 +375,13 @@ def train_ebm(
         metrics["rollbacks"] = float(len(state.events))
         state.epoch = epoch
         state.history.append(epoch, metrics)
-        stop = state.early.step(metrics["val_loss"], epoch)
-        if state.early.improved:
-            state.best_state = _clone_state(state.model.state_dict())
+        # During the first epochs the chains lag far behind the model, so the validation CD loss
+        # is spuriously low (samples are easy to tell from data); selection starts after them.
+        stop = False
+        if epoch >= min(config.min_epochs, config.epochs):
+            stop = state.early.step(metrics["val_loss"], epoch)
+            if state.early.improved:
+                state.best_state = _clone_state(state.eval_model.state_dict())
         state.stopped_early = stop and epoch < config.epochs
         if config.lr_decay < 1.0:
             state.set_lr(state.lr * config.lr_decay)
@@ -375,6 +402,7 @@ def train_ebm(
     checkpoint = {
         "model": _clone_state(state.best_state, cpu=True),
         "final_model": final_state,
+        "final_eval_model": _clone_state(state.eval_model.state_dict(), cpu=True),
         "optimizer": _cpu(copy.deepcopy(state.optimizer.state_dict())),
         "buffer": state.buffer.state_dict(),
         "g_data": generator_state(state.g_data),
