@@ -108,7 +108,8 @@ def init_from_env(device: str | torch.device = "auto", *, timeout_s: float = 300
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("common.device is 'cuda' but no CUDA GPU is visible")
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        # One GPU per rank: under torchrun the local rank decides, whatever index was asked for.
+        dev = torch.device("cuda", local_rank if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world <= 1:
         return DistInfo(0, 0, 1, dev, "")

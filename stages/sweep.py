@@ -360,8 +360,15 @@ def _check_keys(sweep: Sweep, params_path: Path) -> None:
 
 
 def _print_results(sweep: Sweep, rows: list[ExpRow]) -> None:
-    mine = [r for r in rows if r.name.startswith(f"{sweep.name}-")]
+    def index(r: ExpRow) -> int:
+        tail = r.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    mine = sorted((r for r in rows if r.name.startswith(f"{sweep.name}-")), key=index)
     metric_keys = sorted({k for r in mine for k in r.metrics if ":" not in k and _is_number(r.metrics[k])})
+    if len(mine) > 1:
+        # Only what differs between the experiments (the data summaries upstream do not).
+        metric_keys = [k for k in metric_keys if len({repr(r.metrics.get(k)) for r in mine}) > 1]
     click.echo(table(mine, list(sweep.params), metric_keys))
     if sweep.metric:
         b = best_row(mine, sweep.metric, sweep.mode)
