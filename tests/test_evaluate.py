@@ -24,7 +24,7 @@ TINY_MODELS: dict[str, Any] = {
     "ebm": {"hidden": [32], "epochs": 1, "batch_size": 32, "buffer_size": 128, "langevin_steps": 5, "sample_steps": 10},
 }
 TINY_EVAL: dict[str, Any] = {
-    "classifier": {"epochs": 1, "max_train": 1500, "feature_dim": 16},
+    "classifier": {"epochs": 2, "max_train": 2000, "batch_size": 64, "feature_dim": 16},
     "evaluate": {
         "n_samples": 200,
         "swd_projections": 16,
@@ -145,7 +145,7 @@ def test_classifier_and_image_models(dvc_project) -> None:  # noqa: ANN001
         proj.python("stages/prepare.py", ds)
         proj.python("stages/train_classifier.py", ds, "--params", pfile)
         c = metrics(root, f"classifier_{ds}")
-        assert c["test_accuracy"] > 0.3, c  # 10 classes: chance is 0.1
+        assert c["test_accuracy"] > 0.5, c  # 10 classes: chance is 0.1
         assert (root / "models" / "classifier" / f"{ds}.pt").is_file()
     assert metrics(root, "classifier_mnist")["train_source"] == "test_file_split"
     assert metrics(root, "classifier_fashion_mnist")["train_source"] == "train_file"

