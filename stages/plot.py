@@ -3,10 +3,10 @@
 Usage:
 
     python stages/plot.py realnvp2d|ddpm|flow|ebm [--params params.yaml] [--models-dir models]
-        [--data-dir data/prepared] [--plots-dir plots] [--out-dir plots/figures]
+        [--data-dir data/prepared] [--plots-dir plots] [--metrics-dir metrics] [--out-dir plots/figures]
 
-Reads the model's checkpoint ``models/<model>/model.pt``, the prepared data and the training
-series ``plots/<model>/train.csv``; writes PNGs under ``plots/figures/<model>/`` (a folder of its
+Reads the model's checkpoint ``models/<model>/model.pt``, the prepared data, the training
+series ``plots/<model>/train.csv`` and (for reference lines) ``metrics/train_<model>.json``; writes PNGs under ``plots/figures/<model>/`` (a folder of its
 own: ``plots/<model>/`` holds the training stage's outputs) and logs them to MLflow:
 
 * realnvp2d: ``results.png`` (data | latent z = f(x) | samples), ``density.png`` (true vs model
@@ -26,8 +26,9 @@ the CPU the PNGs are byte-identical across runs.
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,12 @@ def _series(plots_dir: Path, model: str) -> list[dict[str, float]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: training series not found; run `dvc repro train_{model}` first")
     return gp.read_series(path)
+
+
+def _train_metrics(metrics_dir: Path, model: str) -> dict[str, Any]:
+    """``metrics/train_<model>.json`` when present, else empty (only reference lines use it)."""
+    path = metrics_dir / f"train_{model}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _points(data_dir: Path) -> dict[str, Any]:
@@ -108,7 +115,9 @@ def _entropy_ref(points: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------- per model
 
 
-def plot_realnvp2d(models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device) -> Figures:
+def plot_realnvp2d(
+    models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device, train: Mapping[str, Any]
+) -> Figures:
     from genmodels.flows.realnvp2d import load_trained, sample
 
     model, _ = load_trained(models_dir / "realnvp2d" / "model.pt", device)
@@ -141,7 +150,9 @@ def plot_realnvp2d(models_dir: Path, data_dir: Path, plots_dir: Path, seed: int,
     return figs
 
 
-def plot_ddpm(models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device) -> Figures:
+def plot_ddpm(
+    models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device, train: Mapping[str, Any]
+) -> Figures:
     from genmodels.diffusion import load_trained, sample_ancestral
 
     model, _ = load_trained(models_dir / "ddpm" / "model.pt", device)
@@ -201,7 +212,9 @@ def _images(data_dir: Path, dataset: str) -> dict[str, Any]:
     return load_prepared(data_dir / f"{dataset}.pt")
 
 
-def plot_flow(models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device) -> Figures:
+def plot_flow(
+    models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device, train: Mapping[str, Any]
+) -> Figures:
     from genmodels.flows.image import dequantize
     from genmodels.flows.imageflow import load_trained
 
@@ -244,15 +257,23 @@ def plot_flow(models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, devi
         figs["interpolation.png"] = gp.image_rows_figure(
             interp, "Image flow: latent interpolation between test images (left and right ends reconstruct them)"
         )
+    # train_loss/val_loss are the same bits/dim; the reference is the whitened Gaussian the flow
+    # starts from (the training stage's baseline on the validation images), when recorded.
+    refs = {}
+    if isinstance(train.get("baseline_gaussian_val_bpd"), (int, float)):
+        refs["Gaussian baseline (val)"] = float(train["baseline_gaussian_val_bpd"])
     figs["loss.png"] = gp.loss_curves_figure(
         _series(plots_dir, "flow"),
-        [("bits per dimension", ["train_bpd", "val_bpd"]), ("loss", ["train_loss", "val_loss"])],
+        [("bits per dimension", ["train_bpd", "val_bpd"])],
         "Image flow on Fashion-MNIST T-shirt/top: training curves",
+        refs,
     )
     return figs
 
 
-def plot_ebm(models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device) -> Figures:
+def plot_ebm(
+    models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, device: torch.device, train: Mapping[str, Any]
+) -> Figures:
     from genmodels.ebm import load_trained
 
     model, config = load_trained(models_dir / "ebm" / "model.pt", device)
@@ -290,7 +311,7 @@ def plot_ebm(models_dir: Path, data_dir: Path, plots_dir: Path, seed: int, devic
     return figs
 
 
-PLOTTERS: dict[str, Callable[[Path, Path, Path, int, torch.device], Figures]] = {
+PLOTTERS: dict[str, Callable[[Path, Path, Path, int, torch.device, Mapping[str, Any]], Figures]] = {
     "realnvp2d": plot_realnvp2d,
     "ddpm": plot_ddpm,
     "flow": plot_flow,
@@ -306,9 +327,18 @@ PLOTTERS: dict[str, Callable[[Path, Path, Path, int, torch.device], Figures]] = 
 @click.option(
     "--plots-dir", default="plots", show_default=True, type=click.Path(path_type=Path), help="training series"
 )
+@click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(path_type=Path))
 @click.option("--out-dir", default="plots/figures", show_default=True, type=click.Path(path_type=Path))
 @stage_main
-def main(model_name: str, params_path: str, models_dir: Path, data_dir: Path, plots_dir: Path, out_dir: Path) -> None:
+def main(
+    model_name: str,
+    params_path: str,
+    models_dir: Path,
+    data_dir: Path,
+    plots_dir: Path,
+    metrics_dir: Path,
+    out_dir: Path,
+) -> None:
     """Draw MODEL's figures (realnvp2d, ddpm, flow or ebm) into OUT_DIR/MODEL/."""
     import matplotlib.pyplot as plt
 
@@ -318,7 +348,9 @@ def main(model_name: str, params_path: str, models_dir: Path, data_dir: Path, pl
     target = out_dir / model_name
     with mlflow_run(f"{STAGE}@{model_name}", params, [], device) as run:
         run.set_tags({"model": model_name})
-        figs = PLOTTERS[model_name](models_dir, data_dir, plots_dir, seed, device)
+        figs = PLOTTERS[model_name](
+            models_dir, data_dir, plots_dir, seed, device, _train_metrics(metrics_dir, model_name)
+        )
         target.mkdir(parents=True, exist_ok=True)
         # Remove figures a previous version of this stage wrote but this one does not.
         for old in target.glob("*.png"):

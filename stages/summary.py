@@ -84,7 +84,7 @@ def _sample_rows(suffix: str = "", what: str = "") -> list[Row]:
             f"mean true log p of samples{what}",
             "target",
             "sample_logp_floor",
-            "real draw (target)",
+            "real draw: the target",
             "sample_logp",
         ),
     ]
