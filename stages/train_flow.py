@@ -141,7 +141,12 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
         test_bpd, test_se = mean_and_se(per_image_bpd(model, test, seed=cfg.seed + 3, batch_size=cfg.eval_batch_size))
         # The baseline is fitted in the same logit space (same λ), with the same dequantization noise
         # as the flow's whitening init, and scored through the same bpd code path.
-        gauss = gaussian_baseline(train.to(device), cfg.logit_lambda, generator=make_generator(cfg.seed + 1, device))
+        gauss = gaussian_baseline(
+            train.to(device),
+            cfg.logit_lambda,
+            generator=make_generator(cfg.seed + 1, device),
+            shrinkage=cfg.whiten_shrinkage,
+        )
         base_test, base_se = mean_and_se(per_image_bpd(gauss, test, seed=cfg.seed + 3, batch_size=cfg.eval_batch_size))
         base_val = float(per_image_bpd(gauss, val, seed=cfg.seed + 2, batch_size=cfg.eval_batch_size).mean())
 

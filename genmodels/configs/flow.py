@@ -21,6 +21,8 @@ class FlowConfig:
         whiten: start with a data-initialised LU linear layer (exact whitening of the
             logit-space training data), so the flow starts at the Gaussian baseline:
             ``fixed`` keeps it frozen, ``learned`` trains it too, ``none`` leaves it out.
+        whiten_shrinkage: ridge added to the whitening covariance, as a fraction of the mean
+            pixel variance (also used by the Gaussian baseline, so both are compared alike).
         linear_between: a learnable LU linear layer (identity-initialised) before every
             coupling after the first, so later couplings see mixed coordinates.
         actnorm: a data-initialised ActNorm after every coupling.
@@ -43,6 +45,7 @@ class FlowConfig:
     mask: Literal["half", "checkerboard"] = "half"
     logit_lambda: float = 0.001
     whiten: Literal["none", "fixed", "learned"] = "fixed"
+    whiten_shrinkage: float = 0.02
     linear_between: bool = False
     actnorm: bool = False
     scale_bound: float = 3.0
@@ -76,7 +79,7 @@ class FlowConfig:
             "temperature",
             "eval_batch_size",
         )
-        non_negative(prefix, self, "weight_decay", "sample_every")
+        non_negative(prefix, self, "weight_decay", "sample_every", "whiten_shrinkage")
         check(0 < self.logit_lambda < 0.5, f"{prefix}.logit_lambda", self.logit_lambda, "a number in (0, 0.5)")
         check(0 < self.lr_decay <= 1, f"{prefix}.lr_decay", self.lr_decay, "a number in (0, 1]")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")

@@ -69,8 +69,10 @@ class ImageFlow(Flow):
         return bits_per_dim(self.log_prob(v), self.dim)
 
     @torch.no_grad()
-    def initialize(self, v: Tensor) -> None:
+    def initialize(self, v: Tensor, shrinkage: float = 0.0) -> None:
         """Data-dependent init (whitening LU layer, ActNorms) from dequantized images ``v`` (N, H, W).
+
+        ``shrinkage`` is the whitening's covariance ridge (see :meth:`LULinear.initialize`).
 
         Layers are initialised in order, each on the output of the already-initialised
         layers before it, as in Glow.
@@ -79,7 +81,10 @@ class ImageFlow(Flow):
         for t in self.transform.transforms:
             init = getattr(t, "initialize", None)
             # Only the first LU layer whitens: the ones between couplings start at the identity.
-            if init is not None and not getattr(t, "identity_init", False):
+            if isinstance(t, LULinear):
+                if not getattr(t, "identity_init", False):
+                    t.initialize(x, shrinkage=shrinkage)
+            elif init is not None:
                 init(x)
             x, _ = t(x)
 
@@ -150,16 +155,19 @@ def build_model(config: FlowConfig | Mapping[str, Any], shape: tuple[int, ...] =
     return ImageFlow(Compose(layers), tuple(shape))
 
 
-def gaussian_baseline(train: Tensor, logit_lambda: float, *, generator: torch.Generator | None = None) -> ImageFlow:
+def gaussian_baseline(
+    train: Tensor, logit_lambda: float, *, generator: torch.Generator | None = None, shrinkage: float = 0.0
+) -> ImageFlow:
     """Full-covariance Gaussian in logit space, as an :class:`ImageFlow` (same bpd code path).
 
-    ``train`` is uint8 ``(N, H, W)``; its dequantized logit-space mean and covariance (MLE +
-    1e-6 I, float64 Cholesky) define a whitening layer, which is the whole transform.
+    ``train`` is uint8 ``(N, H, W)``; its dequantized logit-space mean and covariance
+    (unbiased, + ``(1e-6 + shrinkage * mean variance) I``, float64 Cholesky) define a
+    whitening layer, which is the whole transform.
     """
     shape = tuple(train.shape[1:])
     model = ImageFlow(Compose([*preprocessing(shape, logit_lambda), LULinear(math.prod(shape))]), shape)
     model.to(train.device)
-    model.initialize(dequantize(train, generator))
+    model.initialize(dequantize(train, generator), shrinkage=shrinkage)
     return model.eval()
 
 
@@ -239,7 +247,7 @@ def train_flow(
     model.to(device)
     train, val = train.to(device), val.to(device)
     gen = make_generator(cfg.seed + 1, device)
-    model.initialize(dequantize(train, gen))
+    model.initialize(dequantize(train, gen), shrinkage=cfg.whiten_shrinkage)
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
