@@ -52,9 +52,9 @@ class FlowConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_decay: float = 0.95
-    epochs: int = 12
+    epochs: int = 30
     batch_size: int = 256
-    patience: int = 4
+    patience: int = 5
     grad_clip: float = 100.0
     seed: int = 0
     sample_every: int = 3
