@@ -186,7 +186,9 @@ def train_ddpm(
             loss = (inv_p * term).mean() + consts
             with torch.no_grad():
                 t0 = t - 1
-                s_sum = torch.zeros_like(sq_loss).index_add_(0, t0, term.detach().pow(2))
+                # a non-finite term must not poison the proposal: the epoch-end check reports it
+                sq = torch.nan_to_num(term.detach().pow(2), nan=0.0, posinf=0.0)
+                s_sum = torch.zeros_like(sq_loss).index_add_(0, t0, sq)
                 cnt = torch.zeros_like(sq_loss).index_add_(0, t0, torch.ones_like(term))
                 upd = (1 - SQ_DECAY) * sq_loss + SQ_DECAY * s_sum / cnt.clamp_min(1)
                 sq_loss = torch.where(cnt > 0, upd, sq_loss)

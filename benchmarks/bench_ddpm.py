@@ -1,0 +1,141 @@
+"""DDPM 2D speed at the defaults: training steps/s, full-ELBO time, sampling points/s
+(full chain and strided), side by side with a loop over diffusers' ``DDPMScheduler.step``
+driving the same network.
+
+Usage:
+
+    python benchmarks/bench_ddpm.py [--n-samples 16384] [--train-steps 30] [--elbo-points 1024]
+        [--threads 0] [--skip-peer]
+
+The peer (``diffusers``, benchmark-only, pinned in requirements-bench.txt) gets the same
+schedule (``trained_betas`` = our beta^2, ``variance_type='fixed_large'`` = our ``beta2``
+reverse variance, epsilon prediction) and the same eps-parameterised network; both loops
+run under ``torch.inference_mode``. Times are wall-clock medians of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from genmodels.configs.ddpm import DDPMConfig  # noqa: E402
+from genmodels.diffusion import build_model, config_dict, nll_bound, reset_parameters, sample  # noqa: E402
+from genmodels.diffusion.elbo import elbo_estimate  # noqa: E402
+from genmodels.training import make_generator  # noqa: E402
+
+
+def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_train(cfg: DDPMConfig, steps: int, device: torch.device) -> float:
+    """Optimiser steps/s on batches of ``cfg.batch_size`` (the trainer's inner loop)."""
+    model = build_model(config_dict(cfg)).to(device)
+    reset_parameters(model.net, make_generator(0))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g = make_generator(0, device)
+    data = torch.randn(cfg.batch_size * 4, 2, generator=g, device=device)
+
+    def run(n: int) -> None:
+        for i in range(n):
+            x = data[(i % 4) * cfg.batch_size : (i % 4 + 1) * cfg.batch_size]
+            t = torch.randint(1, cfg.n_steps + 1, (x.shape[0],), generator=g, device=device)
+            noise = torch.randn(x.shape, generator=g, device=device)
+            loss = elbo_estimate(model, x, t, noise).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(3)  # warm-up
+    t0 = time.perf_counter()
+    run(steps)
+    return steps / (time.perf_counter() - t0)
+
+
+def peer_diffusers(model, n: int, seed: int) -> torch.Tensor:  # noqa: ANN001
+    """Full-chain sampling with diffusers' DDPMScheduler.step and the same (eps) network."""
+    from diffusers import DDPMScheduler
+
+    s = model.schedule
+    sched = DDPMScheduler(
+        num_train_timesteps=s.n_steps,
+        trained_betas=s.beta2[1:].double().cpu().numpy(),
+        variance_type="fixed_large",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    dev = model.shift.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(n, 2, generator=g, device=dev)
+    with torch.inference_mode():
+        for t in sched.timesteps:  # diffusers' step t (0-based) is our step t + 1
+            eps = model.net(x, (t + 1).reshape(1).to(dev))
+            x = sched.step(eps, t, x, generator=g).prev_sample
+    return model.unstandardize(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-samples", type=int, default=16384)
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--elbo-points", type=int, default=1024, help="full ELBO on this many points (x L steps)")
+    ap.add_argument("--strided", type=int, nargs="*", default=[100, 250])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip-peer", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    cfg = DDPMConfig()
+    print(f"device {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}; defaults: L={cfg.n_steps}, "
+          f"hidden {cfg.hidden_units} x {cfg.n_hidden}, batch {cfg.batch_size}")
+
+    sps = bench_train(cfg, args.train_steps, dev)
+    epoch_s = (65536 / cfg.batch_size) / sps
+    print(f"train: {sps:.1f} steps/s ({epoch_s:.2f} s per epoch of 65,536 points)")
+
+    model = build_model({**config_dict(cfg), "parameterization": "eps"}).to(dev).eval()
+    reset_parameters(model.net, make_generator(0))
+    torch.nn.init.normal_(model.net.out.weight, std=0.01, generator=make_generator(1))  # non-trivial output
+    x = torch.randn(args.elbo_points, 2, generator=make_generator(2)).to(dev)
+    el = _median_time(lambda: nll_bound(model, x, generator=make_generator(3, dev)), args.repeats)
+    print(f"full ELBO ({cfg.n_steps} terms/point): {el:.2f} s for {args.elbo_points} points "
+          f"-> {el * 16384 / args.elbo_points:.1f} s for 16,384 points")
+
+    n = args.n_samples
+    ours = _median_time(lambda: sample(model, n, generator=make_generator(4, dev)), args.repeats)
+    print(f"sampling, full chain ({cfg.n_steps} steps), ours: {n / ours:,.0f} points/s ({ours:.2f} s for {n})")
+    for S in args.strided:
+        st = _median_time(lambda S=S: sample(model, n, sampling_steps=S, generator=make_generator(5, dev)), args.repeats)
+        print(f"sampling, strided {S} steps, ours: {n / st:,.0f} points/s ({st:.3f} s for {n})")
+    if not args.skip_peer:
+        import diffusers
+
+        peer = _median_time(lambda: peer_diffusers(model, n, 4), args.repeats)
+        print(f"sampling, full chain, diffusers {diffusers.__version__} DDPMScheduler.step loop: "
+              f"{n / peer:,.0f} points/s ({peer:.2f} s) -> ours / peer = {peer / ours:.2f}x")
+        # same chain, same network: the two samplers must agree in distribution
+        a = sample(model, 4096, generator=make_generator(6, dev))
+        b = peer_diffusers(model, 4096, 7)
+        print(f"  check: mean ours {a.mean(0).tolist()} vs peer {b.mean(0).tolist()}; "
+              f"std ours {a.std(0).tolist()} vs peer {b.std(0).tolist()}")
+
+
+if __name__ == "__main__":
+    main()

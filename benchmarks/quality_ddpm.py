@@ -1,0 +1,125 @@
+"""DDPM 2D quality at the defaults on every built-in 2D set (a benchmark, not a test).
+
+For each set: train with the ``ddpm`` defaults (early stopping on the validation ELBO), then
+print the full ELBO bound on held-out points (``nll_bound``, all L terms), the true entropy,
+the gap, the energy distance and sliced Wasserstein distance of 16,384 samples (full chain
+and strided) next to their real-vs-real floors at the same sample size, and training time.
+``--compare`` repeats the run for the ``mean``, ``eps`` and ``x0`` parameterisations.
+
+Usage:
+
+    python benchmarks/quality_ddpm.py [--sets two_moons rings ...] [--epochs N] [--elbo-points 4096]
+        [--compare two_moons] [-s key=value ...]
+
+``-s key=value`` overrides any ``ddpm`` params key (e.g. ``-s ema_decay=0.99``). Goals (issue 4):
+``nll_bound - true_entropy <= 0.10`` nats on two_moons, eight_gaussians, pinwheel, two_spirals,
+rings; ED and SWD within 2x of their floors; training <= 2 CPU minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from genmodels.configs.base import from_mapping  # noqa: E402
+from genmodels.configs.ddpm import DDPMConfig  # noqa: E402
+from genmodels.data.points2d import get_distribution, make_splits  # noqa: E402
+from genmodels.diffusion import config_dict, nll_bound, sample, train_ddpm  # noqa: E402
+from genmodels.metrics.sample import sample_metrics_with_floor  # noqa: E402
+from genmodels.training import make_generator  # noqa: E402
+
+SETS = ("two_moons", "eight_gaussians", "pinwheel", "two_spirals", "rings", "checkerboard")
+N_SAMPLES = 16384
+
+
+def _parse_overrides(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def run_one(name: str, cfg: DDPMConfig, elbo_points: int, strided: int, device: torch.device) -> dict[str, float]:
+    sp = make_splits(name, 65536, 8192, 16384, 0)
+    dist = get_distribution(name)
+    entropy, entropy_se = dist.entropy()
+    t0 = time.perf_counter()
+    res = train_ddpm(cfg, sp.train, sp.val, device=device)
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    bound = nll_bound(res.model, sp.test[:elbo_points].to(device), generator=make_generator(1, device))
+    elbo_s = time.perf_counter() - t1
+    row = {
+        "epochs": res.epochs_run,
+        "best_epoch": res.best_epoch,
+        "train_s": train_s,
+        "elbo_s": elbo_s,
+        "nll_bound": bound.double().mean().item(),
+        "nll_bound_se": bound.double().std().item() / elbo_points**0.5,
+        "entropy": entropy,
+        "entropy_se": entropy_se,
+    }
+    row["gap"] = row["nll_bound"] - entropy
+    real = dist.sample(N_SAMPLES, make_generator(12345))
+    for label, steps in (("full", cfg.n_steps), (f"s{strided}", strided)):
+        t2 = time.perf_counter()
+        gen = sample(res.model, N_SAMPLES, sampling_steps=steps, eta=cfg.sampling_eta, generator=make_generator(2, device))
+        row[f"{label}_pts_per_s"] = N_SAMPLES / (time.perf_counter() - t2)
+        m = sample_metrics_with_floor(gen.cpu(), real, sp.test, seed=0)
+        for k in ("energy_distance", "swd"):
+            row[f"{label}_{k}"] = m[k]
+            row[f"{k}_floor"] = m[k + "_floor"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="*", default=list(SETS))
+    ap.add_argument("--epochs", type=int, default=None, help="override the maximum number of epochs")
+    ap.add_argument("--elbo-points", type=int, default=4096)
+    ap.add_argument("--strided", type=int, default=100)
+    ap.add_argument("--compare", nargs="*", default=[], help="sets on which to compare mean / eps / x0")
+    ap.add_argument("-s", "--set", dest="overrides", action="append", default=[], help="ddpm key=value")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    raw = {**config_dict(DDPMConfig()), **_parse_overrides(args.overrides)}
+    if args.epochs is not None:
+        raw["epochs"] = args.epochs
+    base = from_mapping(DDPMConfig, raw, "ddpm")
+    print(f"device {device}; ddpm params: {config_dict(base)}")
+    header = (
+        f"{'set':16s} {'param':5s} {'ep':>4s} {'train_s':>8s} {'nll_bound':>10s} {'H':>8s} {'gap':>7s} "
+        f"{'ED full':>9s} {'ED s':>9s} {'ED floor':>9s} {'SWD full':>9s} {'SWD s':>9s} {'SWD floor':>9s} "
+        f"{'pts/s full':>10s} {'pts/s s':>9s}"
+    )
+    print(header)
+    jobs = [(name, base.parameterization) for name in args.sets]
+    jobs += [(name, p) for name in args.compare for p in ("mean", "eps", "x0") if (name, p) not in jobs]
+    for name, param in jobs:
+        cfg = from_mapping(DDPMConfig, {**config_dict(base), "parameterization": param}, "ddpm")
+        r = run_one(name, cfg, args.elbo_points, args.strided, device)
+        print(
+            f"{name:16s} {param:5s} {r['epochs']:4d} {r['train_s']:8.1f} {r['nll_bound']:10.4f} {r['entropy']:8.4f} "
+            f"{r['gap']:7.4f} {r['full_energy_distance']:9.2e} {r[f's{args.strided}_energy_distance']:9.2e} "
+            f"{r['energy_distance_floor']:9.2e} {r['full_swd']:9.2e} {r[f's{args.strided}_swd']:9.2e} "
+            f"{r['swd_floor']:9.2e} {r['full_pts_per_s']:10.0f} {r[f's{args.strided}_pts_per_s']:9.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
