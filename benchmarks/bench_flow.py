@@ -153,7 +153,8 @@ def bench_train(data: dict[str, torch.Tensor], cfg: FlowConfig, verbose: bool = 
     def on_epoch(epoch: int, m: object) -> None:
         if verbose:
             print(
-                f"  epoch {epoch:3d} train {m['train_bpd']:.4f} val {m['val_bpd']:.4f} ({time.perf_counter() - t0:.0f} s)"
+                f"  epoch {epoch:3d} train {m['train_bpd']:.4f} val {m['val_bpd']:.4f} "
+                f"(median {m['val_bpd_median']:.4f}) ({time.perf_counter() - t0:.0f} s)"
             )
 
     res = train_flow(build_model(cfg), data["train"], data["val"], cfg, on_epoch=on_epoch)

@@ -51,8 +51,8 @@ def test_train_flow_stage_in_dvc_repo(dvc_project) -> None:  # noqa: ANN001 - fi
     assert metrics["epochs_run"] == 3 and 1 <= metrics["best_epoch"] <= 3
     for key in ("test_bpd", "best_val_bpd", "baseline_gaussian_test_bpd"):
         assert math.isfinite(metrics[key]) and 0 < metrics[key] < 8.5, key
-    # the whitened flow starts at the Gaussian baseline and early stopping keeps its best epoch
-    assert metrics["best_val_bpd"] <= metrics["baseline_gaussian_val_bpd"] + 1e-6
+    # the whitened flow starts at the Gaussian baseline: a few tiny steps cannot move it far from it
+    assert abs(metrics["best_val_bpd"] - metrics["baseline_gaussian_val_bpd"]) < 0.2
 
     # the checkpoint reproduces the reported test bpd through the library
     model, cfg = load_trained(root / "models" / "flow" / "model.pt")
@@ -63,6 +63,9 @@ def test_train_flow_stage_in_dvc_repo(dvc_project) -> None:  # noqa: ANN001 - fi
 
     rows = (root / "plots" / "flow" / "train.csv").read_text().strip().splitlines()
     assert rows[0].split(",")[:3] == ["epoch", "train_loss", "val_loss"] and len(rows) == 1 + 3
+    # the checkpoint holds the best epoch of the series
+    vals = [float(r.split(",")[2]) for r in rows[1:]]
+    assert metrics["best_val_bpd"] == min(vals) and vals.index(min(vals)) + 1 == metrics["best_epoch"]
     from PIL import Image
 
     grid = Image.open(root / "plots" / "flow" / "samples.png")

@@ -27,6 +27,8 @@ class FlowConfig:
             coupling after the first, so later couplings see mixed coordinates.
         actnorm: a data-initialised ActNorm after every coupling.
         scale_bound: soft clamp ``b`` of the couplings' log-scale (``b tanh(s / b)``).
+        cond_clamp: soft clamp ``c tanh(x / c)`` of the coupling MLPs' inputs (0 = off); keeps
+            outlying held-out images from driving the MLPs into huge shifts.
         lr, weight_decay: AdamW.
         lr_decay: exponential learning-rate decay per epoch.
         epochs, batch_size, patience: training length, minibatch, early-stopping patience
@@ -49,6 +51,7 @@ class FlowConfig:
     linear_between: bool = False
     actnorm: bool = False
     scale_bound: float = 3.0
+    cond_clamp: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_decay: float = 0.95
@@ -79,7 +82,7 @@ class FlowConfig:
             "temperature",
             "eval_batch_size",
         )
-        non_negative(prefix, self, "weight_decay", "sample_every", "whiten_shrinkage")
+        non_negative(prefix, self, "weight_decay", "sample_every", "whiten_shrinkage", "cond_clamp")
         check(0 < self.logit_lambda < 0.5, f"{prefix}.logit_lambda", self.logit_lambda, "a number in (0, 0.5)")
         check(0 < self.lr_decay <= 1, f"{prefix}.lr_decay", self.lr_decay, "a number in (0, 1]")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")

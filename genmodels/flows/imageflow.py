@@ -94,13 +94,33 @@ class ImageFlow(Flow):
         return quantize(self.sample(n, generator=generator, temperature=temperature))
 
 
-def _conditioner(in_features: int, out_features: int, hidden: int, n_hidden: int, g: torch.Generator) -> nn.Sequential:
+class SoftClamp(nn.Module):
+    """``c * tanh(x / c)`` element-wise on ``(B, D)``: identity near 0, bounded by ``±c``.
+
+    Used on a coupling conditioner's *input* (the untouched half, so invertibility and the
+    log-det are unaffected): a held-out image with a coordinate many standard deviations
+    out in the whitened space otherwise drives the ReLU MLP to extrapolate linearly into
+    huge shifts, and one such image dominates a mean bpd.
+    """
+
+    def __init__(self, bound: float) -> None:
+        super().__init__()
+        self.bound = float(bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bound * torch.tanh(x / self.bound)
+
+
+def _conditioner(
+    in_features: int, out_features: int, hidden: int, n_hidden: int, g: torch.Generator, input_clamp: float = 0.0
+) -> nn.Sequential:
     """MLP ``(B, in) -> (B, out)`` for a coupling; hidden layers drawn from ``g``, output layer zero.
 
     Same architecture as :func:`genmodels.flows.base.mlp`, but every random number comes from
-    the explicit generator (PyTorch's default init would draw from the global RNG).
+    the explicit generator (PyTorch's default init would draw from the global RNG). With
+    ``input_clamp > 0`` the input first goes through :class:`SoftClamp`.
     """
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [SoftClamp(input_clamp)] if input_clamp > 0 else []
     width = in_features
     for _ in range(n_hidden):
         lin = nn.Linear(width, hidden)
@@ -148,7 +168,7 @@ def build_model(config: FlowConfig | Mapping[str, Any], shape: tuple[int, ...] =
             lu.identity_init = True  # mixes coordinates once trained; starts as the identity
             layers.append(lu)
         n_cond = int(mask.sum())
-        net = _conditioner(n_cond, 2 * (dim - n_cond), cfg.hidden_units, cfg.n_hidden, g)
+        net = _conditioner(n_cond, 2 * (dim - n_cond), cfg.hidden_units, cfg.n_hidden, g, cfg.cond_clamp)
         layers.append(AffineCoupling(mask, net, scale_bound=cfg.scale_bound))
         if cfg.actnorm:
             layers.append(ActNorm(dim))
@@ -232,7 +252,7 @@ def train_flow(
         model: from :func:`build_model` with the same ``config``.
         train, val: uint8 images ``(N, H, W)``; dequantized afresh every epoch (train) or
             with fixed noise (validation, seed ``seed + 2``).
-        on_epoch: gets ``train_loss``/``val_loss`` (= ``train_bpd``/``val_bpd``) and ``lr``.
+        on_epoch: gets ``train_loss``/``val_loss`` (= ``train_bpd``/``val_bpd``), ``val_bpd_median``, ``lr``.
         on_samples: gets a uint8 sample grid ``(n_samples, H, W)`` every ``sample_every``
             epochs and at the last epoch (own generator, so it never changes training).
         resume_path: full training state is saved there every epoch; when it exists with
@@ -288,12 +308,21 @@ def train_flow(
         sched.step()
         train_bpd = float(total / n)
         check_finite(train_bpd, "train_loss", epoch)
-        val_bpd = float(per_image_bpd(model, val, seed=cfg.seed + 2, batch_size=cfg.eval_batch_size).mean())
+        val_each = per_image_bpd(model, val, seed=cfg.seed + 2, batch_size=cfg.eval_batch_size)
+        val_bpd = float(val_each.mean())
         check_finite(val_bpd, "val_loss", epoch)
         stopped = stopper.step(val_bpd, epoch)
         if stopper.improved:
             best_state = _clone_state(model)
-        metrics = {"train_loss": train_bpd, "val_loss": val_bpd, "train_bpd": train_bpd, "val_bpd": val_bpd, "lr": lr}
+        metrics = {
+            "train_loss": train_bpd,
+            "val_loss": val_bpd,
+            "train_bpd": train_bpd,
+            "val_bpd": val_bpd,
+            # The median shows whether a bad mean comes from a few outlying images or from all.
+            "val_bpd_median": float(val_each.median()),
+            "lr": lr,
+        }
         history.append(epoch, metrics)
         if resume_path is not None:
             save_checkpoint(
