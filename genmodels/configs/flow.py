@@ -51,10 +51,10 @@ class FlowConfig:
     linear_between: bool = False
     actnorm: bool = False
     scale_bound: float = 3.0
-    cond_clamp: float = 0.0
+    cond_clamp: float = 4.0
     lr: float = 1e-3
     weight_decay: float = 0.0
-    lr_decay: float = 0.95
+    lr_decay: float = 0.97
     epochs: int = 30
     batch_size: int = 256
     patience: int = 5
