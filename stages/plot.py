@@ -163,9 +163,10 @@ def plot_ddpm(
     steps = gp.snapshot_steps(L)
     fwd = gp.ddpm_forward_snapshots(model, test, steps, _gen(seed, "forward", device))
     # One full ancestral chain serves every figure (L network calls on N_DENSITY points is the
-    # stage's main cost on a CPU): its first N_POINTS chains are the scatter panels and snapshots.
+    # stage's main cost on a CPU): its first chains, as many as the data panel's points (so both
+    # rows of the process figure compare like with like), are the scatter panels and snapshots.
     chain = gp.ddpm_reverse_snapshots(model, N_DENSITY, steps, _gen(seed, "reverse", device))
-    rev = {t: v[:N_POINTS] for t, v in chain.items()}
+    rev = {t: v[: test.shape[0]] for t, v in chain.items()}
     samples = rev[0]
     figs: Figures = {
         "results.png": gp.ddpm_results(
