@@ -126,7 +126,7 @@ def plot_realnvp2d(
     test = points["test"][:N_POINTS].to(device, torch.float32)
     with torch.no_grad():
         latent, _ = model.transform(test)
-    samples = sample(model, N_POINTS, seed=seed + OFFSETS["samples"])
+    samples = sample(model, test.shape[0], seed=seed + OFFSETS["samples"])  # as many as the data panel
     figs: Figures = {
         "results.png": gp.realnvp_results(test, latent, samples, f"RealNVP on {name}: data, latent and samples")
     }
