@@ -44,7 +44,7 @@ class FlowConfig:
     n_layers: int = 6
     hidden_units: int = 512
     n_hidden: int = 2
-    mask: Literal["half", "checkerboard"] = "half"
+    mask: Literal["half", "checkerboard"] = "checkerboard"
     logit_lambda: float = 0.001
     whiten: Literal["none", "fixed", "learned"] = "fixed"
     whiten_shrinkage: float = 0.02
