@@ -31,6 +31,16 @@ TINY_PARAMS: dict[str, Any] = {
         "fashion_mnist": {"split": "train", "mirror": str(SHARED_DATA), "download": False},
         "points2d": {"name": "two_moons", "n_train": 512, "n_val": 128, "n_test": 256, "seed": 0, "entropy_samples": 8192},
     },
+    "classifier": {"epochs": 2, "max_train": 2000, "batch_size": 64, "feature_dim": 16},
+    "evaluate": {
+        "n_samples": 200,
+        "swd_projections": 16,
+        "n_fid": 40,
+        "kde_max_centers": 200,
+        "kde_grid": 7,
+        "timing_points": 32,
+        "nll_bound_points": 32,
+    },
 }
 
 # What a project copy needs (everything git tracks that the pipeline reads).

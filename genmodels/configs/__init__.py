@@ -13,6 +13,7 @@ from genmodels.configs.ddpm import DDPMConfig
 from genmodels.configs.ebm import EBMConfig
 from genmodels.configs.flow import FlowConfig
 from genmodels.configs.realnvp2d import RealNVP2DConfig
+from genmodels.configs.evaluate import ClassifierConfig, EvaluateConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Params:
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     ebm: EBMConfig = field(default_factory=EBMConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def load_params(raw: Mapping[str, Any] | None) -> Params:
@@ -39,6 +42,8 @@ def load_params(raw: Mapping[str, Any] | None) -> Params:
 
 
 __all__ = [
+    "ClassifierConfig",
+    "EvaluateConfig",
     "CommonConfig",
     "ConfigError",
     "DDPMConfig",
