@@ -127,6 +127,7 @@ def test_best_row_picks_min_or_max_among_experiments_only() -> None:
 # --------------------------------------------------------------------------- real queue
 
 
+@pytest.mark.slow
 def test_queued_sweep_two_experiments_dvc_and_mlflow(dvc_project: Any) -> None:
     proj = dvc_project
     add_realnvp2d_stage(proj)
@@ -181,6 +182,15 @@ def test_queued_sweep_two_experiments_dvc_and_mlflow(dvc_project: Any) -> None:
     assert "metrics/train_realnvp2d.json" in json.loads(diff)
 
     # MLflow: one store at the project root; one run per experiment, tagged to line up with DVC.
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{proj.root / 'mlflow.db'}")
+    df = mlflow.search_runs(experiment_names=["genmodels"], filter_string="tags.dvc_exp_name LIKE 'tiny_lr-%'")
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        cols = ["tags.dvc_exp_name", "tags.stage", "status", "params.realnvp2d.lr", "metrics.test_nll", "tags.device"]
+        print(df[cols + ["tags.dvc_exp_baseline_rev"]].to_string(index=False))
+    assert sorted(df["tags.dvc_exp_name"]) == ["tiny_lr-1", "tiny_lr-2"]
     runs = mlflow_runs(proj.root / "mlflow.db", "train_realnvp2d")
     by_exp = {r.data.tags.get("dvc_exp_name", ""): r for r in runs}
     assert len(runs) == 3, [r.data.tags for r in runs]  # the baseline repro + 2 experiments

@@ -67,6 +67,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.slow
 def test_stage_logs_to_tracking_server(dvc_project: Any, mlflow_server: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
