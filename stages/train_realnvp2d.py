@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
+from genmodels.distributed import cleanup, init_from_env  # noqa: E402
 from genmodels.flows.realnvp2d import mean_nll, sample, save_trained, train_realnvp2d  # noqa: E402
 from genmodels.training import resume_path  # noqa: E402
 
@@ -116,7 +117,10 @@ def _curves(rows: list[dict[str, float]], path: Path, entropy: float | None):  #
 def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, metrics_path: Path) -> None:
     """Train RealNVP on the prepared 2D points."""
     params = load_params_or_exit(params_path)
-    device = setup_torch(params)
+    # Under `torchrun --nproc_per_node N` this joins the process group (gloo on CPU, nccl on
+    # CUDA, one GPU per rank); run plainly it is a single process and changes nothing.
+    dist_info = init_from_env(setup_torch(params))
+    device = dist_info.device
     cfg = params.realnvp2d
     data = _load_points(data_path)
     train, val, test = data["train"], data["val"], data["test"]
@@ -127,11 +131,16 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
         err=True,
     )
     resume = resume_path(Path.cwd(), STAGE)
+    if not dist_info.is_main:
+        # Other ranks only contribute gradients: rank 0 alone logs to MLflow and writes outputs.
+        train_realnvp2d(cfg, train, val, device=device, resume_path=resume, dist=dist_info)
+        cleanup()
+        return
     if resume.is_file():
         click.echo(f"[{STAGE}] found resume state {resume}; continuing from it if its config matches", err=True)
 
     with mlflow_run(STAGE, params, ["realnvp2d"], device) as run:
-        run.set_tags({"data.points2d.name": name})
+        run.set_tags({"data.points2d.name": name, "world_size": dist_info.world_size})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             run.on_epoch(epoch, metrics)
@@ -141,7 +150,8 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
             )
 
         t0 = time.perf_counter()
-        result = train_realnvp2d(cfg, train, val, device=device, on_epoch=on_epoch, resume_path=resume)
+        result = train_realnvp2d(cfg, train, val, device=device, on_epoch=on_epoch, resume_path=resume, dist=dist_info)
+        cleanup()  # the collectives are over; evaluation and figures below are rank 0's alone
         train_seconds = time.perf_counter() - t0
         model = result.model
 

@@ -21,6 +21,14 @@ from torch import Tensor
 
 from genmodels.configs.base import from_mapping, to_dict
 from genmodels.configs.realnvp2d import RealNVP2DConfig
+from genmodels.distributed import (
+    DistInfo,
+    MethodAsForward,
+    all_reduce_sum,
+    local_loss_weight,
+    shard_indices,
+    wrap_ddp,
+)
 from genmodels.flows.base import (
     AffineCoupling,
     Compose,
@@ -130,6 +138,7 @@ def train_realnvp2d(
     device: torch.device | str = "cpu",
     on_epoch: EpochCallback | None = None,
     resume_path: str | Path | None = None,
+    dist: DistInfo | None = None,
 ) -> TrainResult:
     """Maximum-likelihood training with Adam, per-epoch exponential LR decay and early stopping.
 
@@ -145,6 +154,11 @@ def train_realnvp2d(
         resume_path: where the full training state is saved atomically every epoch; when
             the file exists with an equal config the run continues from it (the final
             weights are byte-identical to an uninterrupted run on the CPU).
+        dist: the rank/world of a ``torchrun`` job (:func:`genmodels.distributed.init_from_env`);
+            with ``world_size > 1`` the model is wrapped in DistributedDataParallel and each rank
+            takes its slice of every global batch of ``config.batch_size`` points, so the run
+            follows the single-process one up to float reduction order. Only rank 0 writes the
+            resume state and calls ``on_epoch``. ``None`` or world size 1: single process.
 
     Raises:
         NonFiniteLossError: the training or validation loss became NaN/inf; the resume
@@ -181,6 +195,15 @@ def train_realnvp2d(
             best_state = dict(state["best_model"])
             start_epoch = int(state["epoch"])
 
+    # Data parallel (torchrun): DDP averages gradients over ranks; the loss goes through its
+    # forward (log_prob), and the single-process path below stays exactly as it was.
+    ddp = dist is not None and dist.world_size > 1
+    if ddp:
+        ddp_model = wrap_ddp(MethodAsForward(model, "log_prob"), dist)
+        if not dist.is_main:
+            resume_file = None  # one writer; all ranks read the same state at start
+            on_epoch = None
+
     n = train.shape[0]
     stopped_early = stopper.bad_epochs >= config.patience and start_epoch > 0
     epoch = start_epoch
@@ -190,12 +213,24 @@ def train_realnvp2d(
         total = torch.zeros((), device=device)
         perm = torch.randperm(n, generator=gen, device=device)
         for idx in perm.split(config.batch_size):
+            if ddp:
+                # This rank's slice of the global batch; the weight makes DDP's gradient average
+                # the gradient of the global-batch mean, whatever the shard sizes.
+                local = shard_indices(idx, dist.rank, dist.world_size)
+                loss_sum = -ddp_model(train.index_select(0, local)).sum()
+                optimizer.zero_grad(set_to_none=True)
+                (loss_sum * local_loss_weight(idx.numel(), dist.world_size)).backward()
+                optimizer.step()
+                total += loss_sum.detach()
+                continue
             xb = train.index_select(0, idx)
             loss = -model.log_prob(xb).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.detach() * idx.numel()
+        if ddp:
+            total = all_reduce_sum(total)  # every rank reports the global training loss
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
