@@ -84,6 +84,9 @@ def stage_main(fn: F) -> F:
             return fn(*args, **kwargs)
         except _known_errors() as err:
             fail(str(err))
+        except OSError as err:
+            # Unwritable or full output folder, a path that is a file, ...: the message names the path.
+            fail(f"cannot read or write {err.filename or 'a file'}: {err.strerror or err}")
         except RuntimeError as err:
             if "common.device" in str(err):
                 fail(str(err))
