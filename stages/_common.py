@@ -139,6 +139,16 @@ def project_root() -> Path:
     return cwd
 
 
+def resolve_input(path: str) -> Path:
+    """A path from params: as given if absolute or present relative to the working directory,
+    else relative to the project's original root (queued DVC experiments run in a temp copy,
+    where a relative path to something outside the repository, like ``../shared/data``, breaks)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return project_root() / p
+
+
 # --------------------------------------------------------------------------- output writing
 
 

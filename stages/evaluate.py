@@ -23,8 +23,7 @@ import click
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from _common import mlflow_run, setup_torch, stage_main, write_json  # noqa: E402
-from train_classifier import load_all_params  # noqa: E402
+from _common import load_params_or_exit, mlflow_run, setup_torch, stage_main, write_json  # noqa: E402
 
 from genmodels.configs import flatten, to_dict  # noqa: E402
 from genmodels.training import atomic_write_text  # noqa: E402
@@ -54,7 +53,8 @@ def main(
 
     from genmodels import evaluation
 
-    params, _, cfg = load_all_params(params_path)
+    params = load_params_or_exit(params_path)
+    cfg = params.evaluate
     device = setup_torch(params)
     ckpt = models_dir / model_name / "model.pt"
     with mlflow_run(f"{STAGE}@{model_name}", params, [], device) as run:

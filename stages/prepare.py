@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -19,7 +18,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _common import (  # noqa: E402
     load_params_or_exit,
     mlflow_run,
-    project_root,
+    resolve_input,
     setup_torch,
     stage_main,
     write_json,
@@ -29,15 +28,6 @@ from genmodels.configs import flatten, to_dict  # noqa: E402
 from genmodels.data.images import prepare_images  # noqa: E402
 from genmodels.data.points2d import get_distribution, make_splits, read_points_csv, split_csv_points  # noqa: E402
 from genmodels.training import atomic_save  # noqa: E402
-
-def _resolve(path: str) -> Path:
-    """A params path: as given if absolute or present relative to the working directory, else
-    relative to the project's original root (queued DVC experiments run in a temp copy)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return project_root() / p
-
 
 @click.command()
 @click.argument("dataset", type=click.Choice(["mnist", "fashion_mnist", "points2d"]))
@@ -79,7 +69,7 @@ def _prepare_images(dataset: str, params, raw_dir: Path, out_dir: Path) -> dict:
         dataset,
         cfg,
         raw_dir=raw_dir,
-        mirror=_resolve(cfg.mirror) if cfg.mirror else None,
+        mirror=resolve_input(cfg.mirror) if cfg.mirror else None,
         seed=params.common.seed,
         log=lambda m: click.echo(f"prepare@{dataset}: {m}", err=True),
     )
@@ -107,7 +97,7 @@ def _prepare_points(params, out_dir: Path) -> dict:  # noqa: ANN001
     cfg = params.data.points2d
     summary: dict = {"dataset": "points2d", "name": cfg.name}
     if cfg.name == "csv":
-        pts = read_points_csv(_resolve(cfg.csv_path))
+        pts = read_points_csv(resolve_input(cfg.csv_path))
         splits = split_csv_points(pts, cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
         summary["csv_rows"] = int(pts.shape[0])
     else:

@@ -14,15 +14,11 @@ file (``classifier.mnist_test_fraction`` held out); the metrics say which.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import click
-import yaml
 
-# Heavy imports (data, classifier) live inside the functions: `evaluate` imports this module for
-# load_all_params only, and DVC lists as its deps exactly what it imports.
 
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -30,48 +26,16 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _common import (  # noqa: E402
     load_params_or_exit,
     mlflow_run,
-    project_root,
+    resolve_input,
     setup_torch,
     stage_main,
     write_json,
 )
 
-from genmodels.configs import ConfigError, Params, flatten, load_params, to_dict  # noqa: E402
-from genmodels.configs.base import from_mapping  # noqa: E402
-from genmodels.metrics.config import ClassifierConfig, EvaluateConfig  # noqa: E402
+from genmodels.configs import Params, flatten, to_dict  # noqa: E402
+from genmodels.configs import ClassifierConfig  # noqa: E402
 
 STAGE = "train_classifier"
-
-
-def load_all_params(path: str) -> tuple[Params, ClassifierConfig, EvaluateConfig]:
-    """``params.yaml`` validated, with the ``classifier`` and ``evaluate`` sections.
-
-    When :class:`Params` already has those sections they come from it; otherwise they are
-    taken out of the file and validated here, the rest by :func:`load_params`.
-    """
-    names = {f.name for f in dataclasses.fields(Params)}
-    if {"classifier", "evaluate"} <= names:
-        params = load_params_or_exit(path)
-        return params, params.classifier, params.evaluate  # type: ignore[attr-defined]
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: params file not found (run the stage from the project root)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(str(p), "<unparsable>", f"valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(str(p), raw, "a mapping of sections")
-    clf = from_mapping(ClassifierConfig, raw.pop("classifier", None) or {}, "classifier")
-    ev = from_mapping(EvaluateConfig, raw.pop("evaluate", None) or {}, "evaluate")
-    return load_params(raw), clf, ev
-
-
-def _resolve(path: str) -> Path:
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return project_root() / p
 
 
 def load_labelled(dataset: str, params: Params, clf: ClassifierConfig, raw_dir: Path) -> tuple:
@@ -84,7 +48,7 @@ def load_labelled(dataset: str, params: Params, clf: ClassifierConfig, raw_dir: 
 
     cfg = getattr(params.data, dataset)
     folder = DATASET_DIRS[dataset]
-    mirror = _resolve(cfg.mirror) if cfg.mirror else None
+    mirror = resolve_input(cfg.mirror) if cfg.mirror else None
 
     def get(key: str) -> torch.Tensor:
         log = lambda m: click.echo(f"[{STAGE}@{dataset}] {m}", err=True)  # noqa: E731
@@ -130,7 +94,8 @@ def main(
     from genmodels.metrics.classifier import save_classifier, train_classifier
     from genmodels.training import History
 
-    params, clf, _ = load_all_params(params_path)
+    params = load_params_or_exit(params_path)
+    clf = params.classifier
     device = setup_torch(params)
     out_path = out_path or Path("models/classifier") / f"{dataset}.pt"
     metrics_path = metrics_path or Path("metrics") / f"classifier_{dataset}.json"

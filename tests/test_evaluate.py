@@ -4,7 +4,6 @@ absent for a CSV point set, byte-identical reruns, ROC curves that integrate to 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,9 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from genmodels.configs import Params
 
 TINY_MODELS: dict[str, Any] = {
     "realnvp2d": {"n_layers": 2, "hidden_units": 16, "epochs": 2, "batch_size": 256},
@@ -40,21 +37,10 @@ POINT_KEYS = {"mmd", "energy_distance", "swd", "mmd_floor", "energy_distance_flo
 ENTROPY_KEYS = {"true_entropy", "kl_gap", "sample_logp", "sample_logp_floor"}
 
 
-def _merged_in_params() -> bool:
-    names = {f.name for f in dataclasses.fields(Params)}
-    return {"classifier", "evaluate"} <= names
-
-
 def setup_params(proj, overrides: dict[str, Any]) -> str:  # noqa: ANN001 - DvcProject
-    """Write params; return the file my stages read. Until the lead merges the ``classifier`` and
-    ``evaluate`` sections into :class:`Params`, the other stages reject them, so my stages then
-    read a second file (params.yaml + those sections) through ``--params``."""
-    if _merged_in_params():
-        proj.write_params({**overrides, **TINY_EVAL})
-        return "params.yaml"
-    raw = proj.write_params(overrides)
-    (proj.root / "params_eval.yaml").write_text(yaml.safe_dump({**raw, **TINY_EVAL}, sort_keys=False))
-    return "params_eval.yaml"
+    """Write tiny params (models + evaluation); return the params file the stages read."""
+    proj.write_params({**overrides, **TINY_EVAL})
+    return "params.yaml"
 
 
 def metrics(root: Path, name: str) -> dict[str, Any]:
