@@ -101,8 +101,6 @@ SPECS: dict[str, list[Row]] = {
         Row("kl_gap_bound", "KL gap bound (nats)", "lower", 0.0, "perfect model", "kl_gap"),
         *_sample_rows(what=", full chain"),
         *_sample_rows("_strided", ", strided sampler"),
-        Row("sampling_seconds_per_1k", "sampling s / 1k points, full chain", "info"),
-        Row("sampling_seconds_per_1k_strided", "sampling s / 1k points, strided", "info"),
     ],
     "flow": [
         Row("test_bpd", "test bits/dim", "lower", None, "", "test_bpd"),
