@@ -16,11 +16,15 @@ MODELS = ("realnvp2d", "ddpm", "flow", "ebm")
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    """sha256 of every pipeline output: checkpoints, prepared data, metrics, series, figures."""
+    """sha256 of every pipeline output: checkpoints, prepared data, metrics, series, figures.
+
+    ``metrics/timing/`` is left out on purpose: it holds wall-clock sampling speeds, the one
+    output that is not reproducible by nature, kept apart from ``metrics/<model>.json`` for that.
+    """
     out = {}
     for folder in ("models", "data/prepared", "metrics", "plots"):
         for p in sorted((root / folder).rglob("*")):
-            if p.is_file():
+            if p.is_file() and not p.relative_to(root).as_posix().startswith("metrics/timing/"):
                 out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
