@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from genmodels.diffusion import load_trained, nll_bound
 from genmodels.training import make_generator
 
-REPO = Path(__file__).resolve().parents[1]
 
 TINY_DDPM = {
     "n_steps": 50,
@@ -33,17 +31,6 @@ TINY_DDPM = {
 }
 
 
-def _ensure_stage(root: Path) -> None:
-    """Add the stage from docs/snippets/ddpm.dvc.yaml to the copy's dvc.yaml when the lead has
-    not merged it yet (the snippet is then tested exactly as the lead will paste it)."""
-    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
-    if "train_ddpm" in dvc["stages"]:
-        return
-    snippet = yaml.safe_load("stages:\n" + (REPO / "docs" / "snippets" / "ddpm.dvc.yaml").read_text())
-    dvc["stages"]["train_ddpm"] = snippet["stages"]["train_ddpm"]
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -51,7 +38,6 @@ def _sha(path: Path) -> str:
 def test_train_ddpm_stage_runs_logs_and_is_reproducible(dvc_project) -> None:  # noqa: ANN001 - fixture
     proj = dvc_project
     root = proj.root
-    _ensure_stage(root)
     proj.write_params({"ddpm": TINY_DDPM})
     proj.commit("ddpm stage")
 

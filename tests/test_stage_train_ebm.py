@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 
 import torch
-import yaml
 
 from genmodels.ebm import EnergyMLP, load_trained
 
-REPO = Path(__file__).resolve().parents[1]
 
 TINY_EBM = {
     "hidden": [32],
@@ -25,21 +22,9 @@ TINY_EBM = {
 }
 
 
-def _ensure_stage(root: Path) -> None:
-    """Add the stage from docs/snippets/ebm.dvc.yaml to the copy's dvc.yaml when the lead has not
-    merged it yet (the snippet is then tested as the lead will paste it)."""
-    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
-    if "train_ebm" in dvc["stages"]:
-        return
-    snippet = yaml.safe_load("stages:\n" + (REPO / "docs" / "snippets" / "ebm.dvc.yaml").read_text())
-    dvc["stages"]["train_ebm"] = snippet["stages"]["train_ebm"]
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
-
-
 def test_train_ebm_stage_runs_logs_and_is_reproducible(dvc_project) -> None:  # noqa: ANN001 - fixture type
     proj = dvc_project
     root = proj.root
-    _ensure_stage(root)
     proj.write_params({"ebm": TINY_EBM})
     proj.commit("ebm stage")
 

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from genmodels.flows.imageflow import load_trained, mean_and_se, per_image_bpd
 
-REPO = Path(__file__).resolve().parents[1]
-SNIPPET = REPO / "docs" / "snippets" / "flow.dvc.yaml"
 
 TINY_FLOW = {
     "n_layers": 2,
@@ -28,19 +25,9 @@ TINY_FLOW = {
 }
 
 
-def _ensure_stage(root: Path) -> None:
-    """Add the train_flow stage to the copy's dvc.yaml from the snippet until the lead has merged it."""
-    dvc_yaml = root / "dvc.yaml"
-    spec = yaml.safe_load(dvc_yaml.read_text())
-    if "train_flow" not in spec["stages"]:
-        spec["stages"].update(yaml.safe_load("stages:\n" + SNIPPET.read_text())["stages"])
-        dvc_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
 @pytest.mark.slow
 def test_train_flow_stage_in_dvc_repo(dvc_project) -> None:  # noqa: ANN001 - fixture from conftest
     root: Path = dvc_project.root
-    _ensure_stage(root)
     dvc_project.write_params({"flow": TINY_FLOW})
     dvc_project.commit("tiny flow")
 

@@ -14,24 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from genmodels.flows.realnvp2d import load_trained, mean_nll
 
-REPO = Path(__file__).resolve().parents[1]
 
 TINY_RNVP = {"n_layers": 4, "hidden_units": 16, "epochs": 3, "batch_size": 128, "patience": 50}
-
-
-def _ensure_stage(root: Path) -> None:
-    """Add the stage from docs/snippets/realnvp2d.dvc.yaml to the copy's dvc.yaml when the lead has
-    not merged it yet (the snippet is then tested exactly as the lead will paste it)."""
-    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
-    if "train_realnvp2d" in dvc["stages"]:
-        return
-    snippet = yaml.safe_load("stages:\n" + (REPO / "docs" / "snippets" / "realnvp2d.dvc.yaml").read_text())
-    dvc["stages"]["train_realnvp2d"] = snippet["stages"]["train_realnvp2d"]
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
 
 
 def _sha(path: Path) -> str:
@@ -41,7 +28,6 @@ def _sha(path: Path) -> str:
 def test_train_realnvp2d_stage_runs_logs_and_is_reproducible(dvc_project) -> None:  # noqa: ANN001 - fixture
     proj = dvc_project
     root = proj.root
-    _ensure_stage(root)
     proj.write_params({"realnvp2d": TINY_RNVP})
     proj.commit("realnvp2d stage")
 
