@@ -7,6 +7,11 @@ With the loss scaled by :func:`local_loss_weight`, DDP's gradient average equals
 gradient of the single-process mean loss over the global batch, so a run on N processes
 follows the single-process run (up to float reduction order).
 
+Per-batch randomness (diffusion steps and noise, dequantisation noise) is drawn for the
+whole global batch on every rank from that same generator, exactly as one process draws it,
+and each rank keeps its rows (:func:`shard_rows`): the generators stay in step with the
+single-process run and the ranks together compute the single-process batch.
+
 Usage::
 
     info = init_from_env("auto")          # reads RANK / WORLD_SIZE / LOCAL_RANK from torchrun
@@ -23,7 +28,9 @@ Reference: PyTorch DDP notes, https://pytorch.org/docs/stable/notes/ddp.html
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +43,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_from_main",
     "cleanup",
     "get_rank",
     "get_world_size",
@@ -44,6 +52,7 @@ __all__ = [
     "is_main_process",
     "local_loss_weight",
     "shard_indices",
+    "shard_rows",
     "unwrap",
     "wrap_ddp",
 ]
@@ -169,6 +178,16 @@ def shard_indices(idx: Tensor, rank: int, world_size: int) -> Tensor:
     return torch.tensor_split(idx, world_size)[rank]
 
 
+def shard_rows(t: Tensor, rank: int, world_size: int) -> Tensor:
+    """This rank's rows of any per-example tensor ``t`` (B, ...) of a global batch.
+
+    The same cut as :func:`shard_indices`, so a global batch's data, steps and noise, all
+    drawn in full on every rank from the same generator, are sliced consistently: rank ``r``
+    gets rows ``r``'s slice of each, exactly the rows a single process would pair up.
+    """
+    return shard_indices(t, rank, world_size)
+
+
 def local_loss_weight(global_batch: int, world_size: int) -> float:
     """Weight of this rank's *summed* per-example loss so DDP's average is the global mean.
 
@@ -188,6 +207,21 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out
 
 
+def broadcast_from_main(t: Tensor) -> Tensor:
+    """Rank 0's value of ``t`` on every rank (a new tensor; ``t`` itself when single-process).
+
+    For values every rank computes identically anyway (a validation loss on the full
+    validation set from identical weights): broadcasting makes the decisions taken from them
+    (early stopping, NaN checks) the same on all ranks by construction, so no rank can leave
+    the training loop while the others wait in a collective.
+    """
+    if not is_distributed():
+        return t
+    out = t.clone()
+    dist.broadcast(out, src=0)
+    return out
+
+
 def all_reduce_mean(t: Tensor) -> Tensor:
     """Mean of ``t`` over ranks (float tensors)."""
     if not is_distributed():
@@ -196,32 +230,47 @@ def all_reduce_mean(t: Tensor) -> Tensor:
 
 
 class MethodAsForward(nn.Module):
-    """Exposes ``module.<method>`` as ``forward`` so DDP can wrap it.
+    """Exposes ``module.<method>`` (or ``fn(module, ...)``) as ``forward`` so DDP can wrap it.
 
     DDP synchronises gradients only for computations that go through its ``forward``; a
-    flow's loss comes from ``log_prob``, not ``forward``. The wrapped module is registered
-    as ``self.module``, so its parameters are the adapter's.
+    flow's loss comes from ``log_prob``, not ``forward``, and a DDPM's from
+    ``weighted_mse(model, ...)``. ``method`` is a method name or a function taking the module
+    first. The wrapped module is registered as ``self.module``, so its parameters are the
+    adapter's.
     """
 
-    def __init__(self, module: nn.Module, method: str) -> None:
+    def __init__(self, module: nn.Module, method: str | Callable[..., Tensor]) -> None:
         super().__init__()
         self.module = module
         self.method = method
 
     def forward(self, *args: object, **kwargs: object) -> Tensor:
+        if callable(self.method):
+            return self.method(self.module, *args, **kwargs)
         return getattr(self.module, self.method)(*args, **kwargs)
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap_ddp(model: nn.Module, info: DistInfo, *, forward_sync_buffers: bool = True) -> nn.Module:
     """``model`` wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` when distributed.
 
     DDP broadcasts rank 0's parameters and buffers at construction, so all ranks start from
-    identical weights even if their initialisation differed.
+    identical weights even if their initialisation differed. ``forward_sync_buffers=False``
+    skips DDP's re-broadcast of every buffer before each forward: right for models whose
+    buffers are constants during training (schedules, masks, standardisation), which would
+    otherwise cost one collective per step. Such buffers must then be computed identically on
+    every rank (the trainers here derive them from the same data and seed): PyTorch releases
+    without the ``forward_sync_buffers`` argument get ``broadcast_buffers=False``, which also
+    skips the broadcast at construction.
     """
     if not info.distributed:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp_cls = nn.parallel.DistributedDataParallel
+    kwargs: dict[str, bool] = {}
+    if not forward_sync_buffers:
+        has_new_flag = "forward_sync_buffers" in inspect.signature(ddp_cls.__init__).parameters
+        kwargs["forward_sync_buffers" if has_new_flag else "broadcast_buffers"] = False
+    return ddp_cls(model, device_ids=ids, **kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

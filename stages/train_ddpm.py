@@ -5,6 +5,9 @@ Usage (dvc.yaml):
     python stages/train_ddpm.py [--params params.yaml] [--data data/prepared/points2d.pt]
         [--model-dir models/ddpm] [--plots-dir plots/ddpm] [--metrics metrics/train_ddpm.json]
 
+Also runs data-parallel under ``torchrun --nproc_per_node N stages/train_ddpm.py`` (one
+process per GPU, or gloo on the CPU): rank 0 alone logs to MLflow and writes the outputs.
+
 Writes the checkpoint (best-validation weights + the config that rebuilds them), the
 per-epoch series, a three-panel figure (data, fully diffused data, samples), the loss curves
 and the per-step ELBO terms, and ``metrics/train_ddpm.json`` with the full ELBO bound
@@ -38,6 +41,7 @@ from _common import (  # noqa: E402
 from genmodels.configs.base import to_dict  # noqa: E402
 from genmodels.data.points2d import get_distribution  # noqa: E402
 from genmodels.diffusion import nll_bound, sample, save_trained, train_ddpm  # noqa: E402
+from genmodels.distributed import cleanup, init_from_env  # noqa: E402
 from genmodels.metrics.sample import sample_metrics, sample_metrics_with_floor  # noqa: E402
 from genmodels.training import make_generator, resume_path  # noqa: E402
 
@@ -124,7 +128,10 @@ def _curves(rows: list[dict[str, float]], terms: torch.Tensor | None, path: Path
 def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, metrics_path: Path) -> None:
     """Train a DDPM on the prepared 2D points."""
     params = load_params_or_exit(params_path)
-    device = setup_torch(params)
+    # Under `torchrun --nproc_per_node N` this joins the process group (gloo on CPU, nccl on
+    # CUDA, one GPU per rank); run plainly it is a single process and changes nothing.
+    dist_info = init_from_env(setup_torch(params))
+    device = dist_info.device
     cfg = params.ddpm
     data = _load_points(data_path)
     train, val, test = data["train"], data["val"], data["test"]
@@ -135,11 +142,16 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
         err=True,
     )
     resume = resume_path(Path.cwd(), STAGE)
+    if not dist_info.is_main:
+        # Other ranks only contribute gradients: rank 0 alone logs to MLflow and writes outputs.
+        train_ddpm(cfg, train, val, device=device, resume_path=resume, dist=dist_info)
+        cleanup()
+        return
     if resume.is_file():
         click.echo(f"[{STAGE}] found resume state {resume}; continuing from it if its config matches", err=True)
 
     with mlflow_run(STAGE, params, ["ddpm"], device) as run:
-        run.set_tags({"data.points2d.name": name})
+        run.set_tags({"data.points2d.name": name, "world_size": dist_info.world_size})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             run.on_epoch(epoch, metrics)
@@ -149,7 +161,8 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
             )
 
         t0 = time.perf_counter()
-        result = train_ddpm(cfg, train, val, device=device, on_epoch=on_epoch, resume_path=resume)
+        result = train_ddpm(cfg, train, val, device=device, on_epoch=on_epoch, resume_path=resume, dist=dist_info)
+        cleanup()  # the collectives are over; evaluation, sampling and figures are rank 0's alone
         train_seconds = time.perf_counter() - t0
         model = result.model
 

@@ -11,6 +11,9 @@ Writes ``models/flow/model.pt`` (best-validation checkpoint with its config),
 ``metrics/train_flow.json`` (test bpd of the flow and of the full-covariance Gaussian
 baseline in the same logit space). MLflow gets the params, per-epoch metrics, a sample
 grid every ``flow.sample_every`` epochs, the figures and the checkpoint.
+
+Also runs data-parallel under ``torchrun --nproc_per_node N stages/train_flow.py`` (one
+process per GPU, or gloo on the CPU): rank 0 alone logs to MLflow and writes the outputs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from _common import (  # noqa: E402
 
 from genmodels.configs.flow import FlowConfig  # noqa: E402
 from genmodels.data.images import load_prepared  # noqa: E402
+from genmodels.distributed import cleanup, init_from_env  # noqa: E402
 from genmodels.flows.imageflow import (  # noqa: E402
     build_model,
     gaussian_baseline,
@@ -106,15 +110,24 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
     """Train the image flow; write checkpoint, series, figures and metrics."""
     params = load_params_or_exit(params_path)
     cfg: FlowConfig = params.flow
-    device = setup_torch(params)
+    # Under `torchrun --nproc_per_node N` this joins the process group (gloo on CPU, nccl on
+    # CUDA, one GPU per rank); run plainly it is a single process and changes nothing.
+    dist_info = init_from_env(setup_torch(params))
+    device = dist_info.device
     data = load_prepared(data_path)
     train, val, test = data["train"], data["val"], data["test"]
     click.echo(
         f"[{STAGE}] train {tuple(train.shape)}, val {tuple(val.shape)}, test {tuple(test.shape)} on {device}", err=True
     )
     resume = resume_path(Path.cwd(), STAGE)
+    if not dist_info.is_main:
+        # Other ranks only contribute gradients: rank 0 alone logs to MLflow and writes outputs.
+        train_flow(build_model(cfg), train, val, cfg, device=device, resume_path=resume, dist=dist_info)
+        cleanup()
+        return
 
     with mlflow_run(STAGE, params, ["flow"], device) as run:
+        run.set_tags({"world_size": dist_info.world_size})
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             run.on_epoch(epoch, metrics)
@@ -135,7 +148,9 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
             on_epoch=on_epoch,
             on_samples=on_samples,
             resume_path=resume,
+            dist=dist_info,
         )
+        cleanup()  # the collectives are over; evaluation, baseline and figures are rank 0's alone
         train_seconds = time.perf_counter() - t0
         model = result.model
         test_bpd, test_se = mean_and_se(per_image_bpd(model, test, seed=cfg.seed + 3, batch_size=cfg.eval_batch_size))

@@ -22,6 +22,15 @@ from genmodels.configs.base import to_dict
 from genmodels.configs.ddpm import DDPMConfig
 from genmodels.diffusion.elbo import decoder_const, elbo_estimate, prior_kl, weighted_mse
 from genmodels.diffusion.model import DDPM, build_model, reset_parameters
+from genmodels.distributed import (
+    DistInfo,
+    MethodAsForward,
+    all_reduce_sum,
+    broadcast_from_main,
+    local_loss_weight,
+    shard_rows,
+    wrap_ddp,
+)
 from genmodels.training import (
     EarlyStopping,
     EpochCallback,
@@ -99,6 +108,7 @@ def train_ddpm(
     device: torch.device | str = "cpu",
     on_epoch: EpochCallback | None = None,
     resume_path: Path | None = None,
+    dist: DistInfo | None = None,
 ) -> TrainResult:
     """Train a DDPM with Adam + exponential LR decay + early stopping on the validation ELBO.
 
@@ -109,6 +119,14 @@ def train_ddpm(
         on_epoch: ``on_epoch(epoch, {"train_loss", "val_loss", "lr"})`` after every epoch.
         resume_path: resume state written atomically every epoch; when it exists with the
             same config, training continues from it (byte-identical to an uninterrupted run).
+        dist: the rank/world of a ``torchrun`` job (:func:`genmodels.distributed.init_from_env`);
+            with ``world_size > 1`` the network is wrapped in DistributedDataParallel and each
+            rank computes its slice of every global batch of ``config.batch_size`` points. The
+            steps and noise are drawn for the whole global batch on every rank (same generator,
+            same order as one process) and sliced, and the importance-sampling statistics are
+            summed over ranks, so the run follows the single-process one up to float reduction
+            order. The validation loss is rank 0's on all ranks; only rank 0 writes the resume
+            state and calls ``on_epoch``. ``None`` or world size 1: single process.
     Returns:
         :class:`TrainResult` with the best weights loaded.
     Raises:
@@ -154,6 +172,16 @@ def train_ddpm(
             best_state = st["best_state"]
             start_epoch, stopped = int(st["epoch"]) + 1, bool(st["stopped"])
 
+    # Data parallel (torchrun): the per-point ELBO term goes through DDP's forward so its
+    # gradients are averaged over ranks; the single-process path below stays exactly as it was.
+    ddp = dist is not None and dist.world_size > 1
+    if ddp:
+        # Buffers (schedule, standardisation) are constants: broadcast once, at construction.
+        ddp_term = wrap_ddp(MethodAsForward(model, weighted_mse), dist, forward_sync_buffers=False)
+        if not dist.is_main:
+            resume_path = None  # one writer; every rank has read the same state above
+            on_epoch = None
+
     t_val, w_val, noise_val = _val_draws(model, config, val.shape[0], device)
     n, bs = train.shape[0], config.batch_size
     epoch = start_epoch - 1
@@ -166,6 +194,7 @@ def train_ddpm(
         model.train()
         perm = torch.randperm(n, generator=g, device=device)
         total = torch.zeros((), device=device)
+        const_total = torch.zeros((), device=device)  # DDP only: the global batches' constants
         for i in range(0, n, bs):
             x = train[perm[i : i + bs]]
             b = x.shape[0]
@@ -180,6 +209,32 @@ def train_ddpm(
                 inv_p = torch.full((b,), float(L), device=device)
             noise = torch.randn(x.shape, generator=g, device=device)
             x0 = model.standardize(x)
+            if ddp:
+                # Steps and noise above were drawn for the whole global batch, as one process
+                # draws them; this rank computes its rows. The weight makes DDP's gradient
+                # average the gradient of the global-batch mean.
+                r, w = dist.rank, dist.world_size
+                t_l = shard_rows(t, r, w)
+                term_l = ddp_term(shard_rows(x0, r, w), t_l, shard_rows(noise, r, w))
+                weighted_l = (shard_rows(inv_p, r, w) * term_l).sum()
+                with torch.no_grad():
+                    consts = prior_kl(model, x0).mean() + decoder_const(model) + model.log_scale_sum()
+                    sq_l = torch.nan_to_num(term_l.detach().pow(2), nan=0.0, posinf=0.0)
+                    # each step's squared-loss sum over the global batch (one small all-reduce);
+                    # the counts come from the global steps every rank holds
+                    s_sum = all_reduce_sum(torch.zeros_like(sq_loss).index_add_(0, t_l - 1, sq_l))
+                    cnt = torch.zeros_like(sq_loss).index_add_(0, t - 1, torch.ones_like(t, dtype=sq_loss.dtype))
+                    upd = (1 - SQ_DECAY) * sq_loss + SQ_DECAY * s_sum / cnt.clamp_min(1)
+                    sq_loss = torch.where(cnt > 0, upd, sq_loss)
+                opt.zero_grad(set_to_none=True)
+                (weighted_l * local_loss_weight(b, w)).backward()
+                opt.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
+                total += weighted_l.detach()  # summed over ranks at the end of the epoch
+                const_total += consts * b
+                continue
             term = weighted_mse(model, x0, t, noise)
             # + constants (no gradient) so the loss reads as an NLL bound in nats
             consts = prior_kl(model, x0).mean() + decoder_const(model) + model.log_scale_sum()
@@ -200,12 +255,16 @@ def train_ddpm(
                     torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
             # weighted by batch size so a short last batch counts for what it is
             total += loss.detach() * x.shape[0]
+        if ddp:
+            total = all_reduce_sum(total) + const_total  # every rank reports the global training loss
         lr = opt.param_groups[0]["lr"]
         sched.step()
         evaluated = ema if ema is not None else model
         evaluated.eval()
         with torch.no_grad():
             val_loss = elbo_estimate(evaluated, val, t_val, noise_val, w_val).mean()
+        if ddp:
+            val_loss = broadcast_from_main(val_loss)  # one early-stopping decision for all ranks
         # one host sync per epoch
         train_loss_f, val_loss_f = (total / n).item(), val_loss.item()
         check_finite(train_loss_f, "train_loss", epoch)

@@ -29,6 +29,15 @@ from torch import Tensor, nn
 
 from genmodels.configs.base import from_mapping, to_dict
 from genmodels.configs.flow import FlowConfig
+from genmodels.distributed import (
+    DistInfo,
+    MethodAsForward,
+    all_reduce_sum,
+    broadcast_from_main,
+    local_loss_weight,
+    shard_rows,
+    wrap_ddp,
+)
 from genmodels.flows.base import AffineCoupling, Compose, Flow, StandardNormal, Transform, alternating_masks
 from genmodels.flows.base import checkerboard_mask_2d
 from genmodels.flows.image import ActNorm, LULinear, bits_per_dim, dequantize, preprocessing, quantize
@@ -245,6 +254,7 @@ def train_flow(
     on_epoch: EpochCallback | None = None,
     on_samples: SamplesCallback | None = None,
     resume_path: Path | None = None,
+    dist: DistInfo | None = None,
 ) -> FlowTrainResult:
     """Maximum likelihood (mean bpd) with AdamW, gradient clipping, exponential LR decay, early stopping.
 
@@ -257,6 +267,14 @@ def train_flow(
             epochs and at the last epoch (own generator, so it never changes training).
         resume_path: full training state is saved there every epoch; when it exists with
             this config, training continues from it (byte-identical to an uninterrupted run).
+        dist: the rank/world of a ``torchrun`` job (:func:`genmodels.distributed.init_from_env`);
+            with ``world_size > 1`` the flow is wrapped in DistributedDataParallel and each rank
+            computes its slice of every global batch of ``batch_size`` images. The global
+            batch's dequantisation noise is drawn in full on every rank (same generator, same
+            order as one process) and sliced; gradients are clipped after DDP's average, i.e.
+            on the global-batch gradient. So the run follows the single-process one up to float
+            reduction order. Validation bpds are rank 0's on all ranks; only rank 0 writes the
+            resume state and calls ``on_epoch``/``on_samples``. ``None`` or world size 1: single process.
 
     Raises:
         NonFiniteLossError: a NaN/inf train or validation bpd; the last resume state stays.
@@ -288,6 +306,17 @@ def train_flow(
         best_state = state["best_model"]
         start_epoch, stopped = int(state["epoch"]) + 1, bool(state["stopped"])
 
+    # Data parallel (torchrun): the loss goes through DDP's forward (bpd), so gradients are
+    # averaged over ranks; the single-process path below stays exactly as it was.
+    ddp = dist is not None and dist.world_size > 1
+    if ddp:
+        # Buffers (masks, LU constants) do not change in training: broadcast once, at construction.
+        ddp_bpd = wrap_ddp(MethodAsForward(model, "bpd"), dist, forward_sync_buffers=False)
+        if not dist.is_main:
+            resume_path = None  # one writer; every rank has read the same state above
+            on_epoch = None
+            on_samples = None
+
     n = train.shape[0]
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -298,17 +327,33 @@ def train_flow(
         total = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
+            if ddp:
+                # The whole global batch is dequantized on every rank (the generator advances as
+                # in one process); this rank computes its rows, weighted so that DDP's gradient
+                # average is the gradient of the global-batch mean.
+                v_l = shard_rows(dequantize(train[idx], gen), dist.rank, dist.world_size)
+                loss_sum = ddp_bpd(v_l).sum()
+                opt.zero_grad(set_to_none=True)
+                (loss_sum * local_loss_weight(idx.numel(), dist.world_size)).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                total += loss_sum.detach().to(torch.float64)
+                continue
             loss = model.bpd(dequantize(train[idx], gen)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             total += loss.detach().to(torch.float64) * idx.numel()
+        if ddp:
+            total = all_reduce_sum(total)  # every rank reports the global training bpd
         lr = opt.param_groups[0]["lr"]
         sched.step()
         train_bpd = float(total / n)
         check_finite(train_bpd, "train_loss", epoch)
         val_each = per_image_bpd(model, val, seed=cfg.seed + 2, batch_size=cfg.eval_batch_size)
+        if ddp:
+            val_each = broadcast_from_main(val_each)  # one early-stopping decision for all ranks
         val_bpd = float(val_each.mean())
         check_finite(val_bpd, "val_loss", epoch)
         stopped = stopper.step(val_bpd, epoch)
