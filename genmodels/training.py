@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -77,14 +78,34 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def canonical(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples whose strings are interned (tensors are not copied).
+
+    Pickle memoises objects by identity, so two equal payloads whose strings are distinct
+    objects in one and shared in the other (a history restored from a resume file against one
+    built in memory) serialise to different bytes. Interning every string makes the bytes a
+    function of the values only, which keeps a resumed run's checkpoint byte-identical.
+    """
+    if isinstance(obj, str):
+        return sys.intern(str(obj))
+    if isinstance(obj, Mapping):
+        return {canonical(k): canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(canonical(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` (atomic on POSIX)."""
+    """``torch.save`` of :func:`canonical` ``(obj)`` to a temp file in the same folder, then
+    ``os.replace`` (atomic on POSIX): equal values give equal bytes, and no reader sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            torch.save(canonical(obj), fh)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -108,7 +129,7 @@ def atomic_write_text(text: str, path: str | os.PathLike[str]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike[str], *, kind: str, config: Mapping[str, Any], **payload: Any) -> None:
-    """Save ``{'kind', 'config', **payload}`` atomically.
+    """Save ``{'kind', 'config', **payload}`` atomically (see :func:`atomic_save`).
 
     Args:
         kind: model name (``realnvp2d``, ``ddpm``, ``ebm``, ``flow``) checked on load.
