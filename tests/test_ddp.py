@@ -236,3 +236,221 @@ def test_train_realnvp2d_stage_under_torchrun(dvc_project: Any) -> None:
     runs = mlflow_runs(proj.root / "mlflow.db", "train_realnvp2d")
     assert sorted(r.data.tags.get("world_size") for r in runs) == ["1", "2"]  # rank 1 logged nothing
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+# --------------------------------------------------------------------------- DDPM and image flow stages
+
+# Tiny settings for the two stages under torchrun. Odd global batches (93 of 512 points, 101 of
+# 700 images) give every step uneven shards (47 + 46, 51 + 50) and a short last batch.
+DDP_DDPM = {
+    "n_steps": 50,
+    "hidden_units": 16,
+    "epochs": 3,
+    "batch_size": 93,
+    "patience": 50,
+    "sampling_steps": 10,
+    "elbo_points": 64,
+    "n_samples": 256,
+}
+DDP_FLOW = {
+    "n_layers": 2,
+    "hidden_units": 16,
+    "n_hidden": 1,
+    "epochs": 3,
+    "batch_size": 101,
+    "patience": 50,
+    "sample_every": 2,
+    "n_samples": 16,
+    "eval_batch_size": 500,
+}
+# Tolerance: DDP_RTOL/DDP_ATOL above, for the same reason. The ranks sum shard gradients (and,
+# for the DDPM, the importance-sampling statistics) in another float32 order than one backward
+# pass does; nothing else differs (same permutation, steps, noise, dequantisation). Measured
+# here after 18 (DDPM) / 21 (flow) Adam steps: max |dweight| ~5e-8 (DDPM) and ~2e-6 (flow: its
+# coupling MLPs start with zero output layers, so their hidden layers see near-zero gradients
+# that Adam normalises, amplifying relative rounding), |dloss| <= 5e-7; that is <= ~15% of the
+# tolerance. One Adam step at lr 1e-3 moves a weight by up to 1e-3, so a real difference (a
+# missing or doubled step, a mis-sliced batch, other noise) lands far above the tolerance;
+# `_compare_runs` also asserts that training moved the weights >= 100x the DDP difference.
+
+
+@pytest.fixture(scope="module")
+def ddp_stage_project(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Any:
+    """A project copy (stages, genmodels, tiny params, private MLflow store) with the 2D points
+    and the Fashion-MNIST T-shirts prepared from the real mirror by the prepare stage's library
+    calls (in-process: a `prepare` subprocess costs seconds of MLflow start-up, twice)."""
+    import shutil
+
+    from conftest import PROJECT_FILES, DvcProject
+
+    from genmodels.configs import load_params
+    from genmodels.data.images import prepare_images
+    from genmodels.data.points2d import get_distribution, make_splits
+
+    root = tmp_path_factory.mktemp("ddp_stages")
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, root / name)
+    proj = DvcProject(root)
+    # The T-shirts of the official test file split 700/100/200: real images, seconds per epoch.
+    raw = proj.write_params({"ddpm": DDP_DDPM, "flow": DDP_FLOW, "data": {"fashion_mnist": {"split": "test"}}})
+    params = load_params(raw)
+    out = root / "data" / "prepared"
+    out.mkdir(parents=True)
+    pc = params.data.points2d
+    splits = make_splits(pc.name, pc.n_train, pc.n_val, pc.n_test, pc.seed)
+    entropy, entropy_se = get_distribution(pc.name).entropy(n=pc.entropy_samples, seed=pc.seed + 1)
+    torch.save(
+        {"train": splits.train, "val": splits.val, "test": splits.test, "name": pc.name,
+         "true_entropy": entropy, "true_entropy_se": entropy_se},
+        out / "points2d.pt",
+    )  # fmt: skip
+    fm = params.data.fashion_mnist
+    prepared = prepare_images(
+        "fashion_mnist",
+        fm,
+        raw_dir=root / "data" / "raw",
+        mirror=shared_data,
+        seed=params.common.seed,
+        log=lambda m: None,
+    )
+    torch.save(prepared.to_dict(), out / "fashion_mnist.pt")
+    proj.params = params
+    return proj
+
+
+def _torchrun_stage(proj: Any, script: str) -> tuple[str, str]:
+    """``torchrun --nproc_per_node 2`` (gloo) of a stage script in ``proj``; returns the stderr
+    of rank 0 and of rank 1 (torchrun's per-rank log files, ``--tee`` keeps them on the console too)."""
+    logs = proj.root / "torchrun_logs" / Path(script).stem
+    proj.env.update({"OMP_NUM_THREADS": "1"})
+    proj.run(
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "--log-dir", str(logs), "--tee", "3", script,
+    )  # fmt: skip
+    per_rank = [sorted(logs.rglob(f"attempt_0/{r}/stderr.log")) for r in (0, 1)]
+    assert all(len(p) == 1 for p in per_rank), per_rank
+    return per_rank[0][0].read_text(), per_rank[1][0].read_text()
+
+
+def _assert_one_rank0_run(proj: Any, stage: str) -> Any:
+    """Exactly one finished MLflow run of ``stage`` (rank 0's, tagged world_size 2), one logged checkpoint."""
+    from test_experiments import mlflow_runs
+
+    runs = mlflow_runs(proj.root / "mlflow.db", stage)
+    assert len(runs) == 1, [r.data.tags for r in runs]  # rank 1 opened no run
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags.get("world_size") == "2"
+    assert len(list((proj.root / "mlartifacts").rglob(f"{run.info.run_id}/**/model.pt"))) == 1
+    return run
+
+
+def _read_csv_rows(path: Path) -> list[dict[str, float]]:
+    lines = path.read_text().strip().splitlines()
+    keys = lines[0].split(",")
+    return [dict(zip(keys, map(float, line.split(",")), strict=True)) for line in lines[1:]]
+
+
+def _compare_runs(
+    got_rows: list[dict[str, float]],
+    want_rows: list[dict[str, Any]],
+    keys: tuple[str, ...],
+    got_state: dict[str, torch.Tensor],
+    want_state: dict[str, torch.Tensor],
+    init_state: dict[str, torch.Tensor],
+    label: str,
+) -> None:
+    """Per-epoch losses and weights within DDP_RTOL/DDP_ATOL; training moved the weights far more."""
+    assert len(got_rows) == len(want_rows)
+    worst_loss = 0.0
+    for got, want in zip(got_rows, want_rows, strict=True):
+        assert got["epoch"] == want["epoch"]
+        for k in keys:
+            assert abs(got[k] - want[k]) <= DDP_ATOL + DDP_RTOL * abs(want[k]), (k, got, want)
+            worst_loss = max(worst_loss, abs(got[k] - want[k]))
+    assert set(got_state) == set(want_state)
+    worst = used = 0.0
+    worst_key = ""
+    for k, v in want_state.items():
+        torch.testing.assert_close(got_state[k], v, rtol=DDP_RTOL, atol=DDP_ATOL, msg=k)
+        diff = (got_state[k].double() - v.double()).abs()
+        if diff.numel() == 0:
+            continue
+        if float(diff.max()) > worst:
+            worst, worst_key = float(diff.max()), k
+        used = max(used, float((diff / (DDP_ATOL + DDP_RTOL * v.double().abs())).max()))
+    moved = max(float((want_state[k].double() - init_state[k].double()).abs().max()) for k in want_state)
+    print(f"{label}: DDP (2 gloo ranks) vs single process: max |dweight| {worst:.3g} in {worst_key} ({used:.1%} of the tolerance), "
+          f"max |dloss| {worst_loss:.3g}; training moved weights by up to {moved:.3g}")  # fmt: skip
+    assert moved > 100 * max(worst, 1e-9), (moved, worst)
+
+
+def test_train_ddpm_stage_under_torchrun_matches_single_process(ddp_stage_project: Any) -> None:
+    """`torchrun --nproc_per_node 2 stages/train_ddpm.py` (gloo): rank 0 alone logs and writes,
+    and its checkpoint and per-epoch losses equal a single-process training with the same global
+    batch (the unmodified trainer, in this process) within DDP_RTOL/DDP_ATOL."""
+    from genmodels.diffusion import load_trained
+    from genmodels.diffusion.model import build_model, reset_parameters
+    from genmodels.diffusion.train import config_dict, train_ddpm
+    from genmodels.training import make_generator
+
+    proj = ddp_stage_project
+    rank0, rank1 = _torchrun_stage(proj, "stages/train_ddpm.py")
+    assert rank0.count("[train_ddpm] epoch ") == DDP_DDPM["epochs"] and rank0.count("[train_ddpm] done") == 1
+    assert "epoch" not in rank1 and "done" not in rank1 and "MLflow" not in rank1  # rank 1 trained silently
+    _assert_one_rank0_run(proj, "train_ddpm")
+    assert not (proj.root / ".resume" / "train_ddpm.pt").exists()  # rank 0 removed the one resume file
+
+    cfg = proj.params.ddpm
+    data = torch.load(proj.root / "data/prepared/points2d.pt", weights_only=True)
+    ref = train_ddpm(cfg, data["train"], data["val"], device="cpu")
+    model, _ = load_trained(proj.root / "models/ddpm/model.pt", "cpu")
+    metrics = json.loads((proj.root / "metrics/train_ddpm.json").read_text())
+    assert metrics["best_epoch"] == ref.best_epoch and metrics["epochs_run"] == ref.epochs_run == DDP_DDPM["epochs"]
+    init = build_model(config_dict(cfg))
+    reset_parameters(init.net, make_generator(cfg.seed, "cpu"))
+    _compare_runs(
+        _read_csv_rows(proj.root / "plots/ddpm/train.csv"), ref.history.rows, ("train_loss", "val_loss", "lr"),
+        model.state_dict(), ref.model.state_dict(), init.state_dict(), "DDPM",
+    )  # fmt: skip
+
+
+def test_train_flow_stage_under_torchrun_matches_single_process(ddp_stage_project: Any) -> None:
+    """`torchrun --nproc_per_node 2 stages/train_flow.py` (gloo) on real Fashion-MNIST T-shirts:
+    rank 0 alone logs and writes, and its checkpoint and per-epoch bpds equal a single-process
+    training with the same global batch within DDP_RTOL/DDP_ATOL."""
+    from genmodels.data.images import load_prepared
+    from genmodels.flows.image import dequantize
+    from genmodels.flows.imageflow import build_model, load_trained, train_flow
+    from genmodels.training import make_generator
+
+    proj = ddp_stage_project
+    rank0, rank1 = _torchrun_stage(proj, "stages/train_flow.py")
+    assert rank0.count("[train_flow] epoch ") == DDP_FLOW["epochs"] and rank0.count("[train_flow] test bpd") == 1
+    assert "epoch" not in rank1 and "test bpd" not in rank1 and "MLflow" not in rank1
+    run = _assert_one_rank0_run(proj, "train_flow")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj.root / 'mlflow.db'}")
+    figures = sorted(Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures"))
+    # each sample grid once (rank 0's on_samples), none from rank 1
+    assert figures == ["bpd.png", "samples.png", "samples_epoch_0002.png", "samples_epoch_0003.png", "samples_t1.png"]
+    assert not (proj.root / ".resume" / "train_flow.pt").exists()
+
+    cfg = proj.params.flow
+    data = load_prepared(proj.root / "data/prepared/fashion_mnist.pt")
+    ref = train_flow(build_model(cfg), data["train"], data["val"], cfg, device="cpu")
+    model, _ = load_trained(proj.root / "models/flow/model.pt", "cpu")
+    metrics = json.loads((proj.root / "metrics/train_flow.json").read_text())
+    assert metrics["best_epoch"] == ref.best_epoch and metrics["epochs_run"] == ref.epochs_run == DDP_FLOW["epochs"]
+    # The weights training starts from: built, then data-initialised as the trainer does it.
+    init = build_model(cfg)
+    init.initialize(dequantize(data["train"], make_generator(cfg.seed + 1)), shrinkage=cfg.whiten_shrinkage)
+    _compare_runs(
+        _read_csv_rows(proj.root / "plots/flow/train.csv"), ref.history.rows,
+        ("train_loss", "val_loss", "val_bpd_median", "lr"),
+        model.state_dict(), ref.model.state_dict(), init.state_dict(), "image flow",
+    )  # fmt: skip
