@@ -37,7 +37,7 @@ def _stage_fails(proj: DvcProject, *args: str, env: dict[str, str] | None = None
 @pytest.mark.parametrize(
     ("case", "overrides", "fragment"),
     [
-        ("unknown key", {"ddpm": {"lr_decya": 0.9}}, "params key 'ddpm.lr_decya'"),
+        ("unknown key", {"ddpm": {"lr_decya": 0.9}}, "params key 'ddpm.lr_decya' (value 0.9) is not a known key; the keys under 'ddpm' are"),
         ("wrong type", {"realnvp2d": {"batch_size": "big"}}, "params key 'realnvp2d.batch_size': got 'big'; expected an integer"),
         ("cuda without GPU", {"common": {"device": "cuda"}}, "common.device"),
         ("missing mirror", {"data": {"mnist": {"mirror": "/nonexistent/mirror"}}}, "t10k-images-idx3-ubyte.gz not found"),

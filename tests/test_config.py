@@ -36,7 +36,8 @@ def test_project_params_validate_and_round_trip() -> None:
         ({"flow": {"lr": "fast"}}, "flow.lr", "a number"),
         ({"ddpm": {"beta2_start": 0.1, "beta2_end": 0.01}}, "ddpm.beta2_end", "beta2_start"),
         ({"data": {"points2d": {"name": "csv"}}}, "data.points2d.csv_path", "path to a CSV"),
-        ({"nonsense": {}}, "nonsense", "allowed keys"),
+        ({"nonsense": {}}, "nonsense", "is not a known key; the top-level sections are classifier, common"),
+        ({"ebm": {"alpah": 1.0}}, "ebm.alpah", "is not a known key; the keys under 'ebm' are activation, alpha"),
         ({"data": {"mnist": {"urls": ["ftp://x"]}}}, "data.mnist.urls[0]", "http(s)"),
     ],
 )

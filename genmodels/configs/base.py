@@ -23,11 +23,14 @@ class ConfigError(ValueError):
     The message always names the dotted key, the value given and what is allowed.
     """
 
-    def __init__(self, key: str, value: Any, allowed: str, hint: str | None = None) -> None:
+    def __init__(self, key: str, value: Any, allowed: str, hint: str | None = None, *, unknown: bool = False) -> None:
         self.key = key
         self.value = value
         self.allowed = allowed
-        msg = f"params key '{key}': got {value!r}; expected {allowed}"
+        if unknown:  # the key itself is wrong, not its value
+            msg = f"params key '{key}' (value {value!r}) is not a known key; {allowed}"
+        else:
+            msg = f"params key '{key}': got {value!r}; expected {allowed}"
         if hint:
             msg += f". {hint}"
         super().__init__(msg)
@@ -129,8 +132,9 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
         raise ConfigError(
             key,
             data[unknown[0]],
-            f"no such key; allowed keys under '{prefix or '<top>'}' are {', '.join(sorted(fields))}",
+            (f"the keys under '{prefix}' are " if prefix else "the top-level sections are ") + ", ".join(sorted(fields)),
             f"Did you mean {close!r}?" if close else "Remove it or fix its spelling.",
+            unknown=True,
         )
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
