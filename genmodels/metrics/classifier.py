@@ -21,6 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from genmodels.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_from_main,
+    local_loss_weight,
+    shard_indices,
+    wrap_ddp,
+)
 from genmodels.metrics.frechet import frechet_from_features
 from genmodels.training import load_checkpoint, make_generator, save_checkpoint
 
@@ -127,6 +135,7 @@ def train_classifier(
     seed: int = 0,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int, Mapping[str, float]], None] | None = None,
+    dist: DistInfo | None = None,
 ) -> ClassifierResult:
     """Train :class:`SmallCNN` with Adam and cross-entropy on uint8 images ``(N, 28, 28)``, labels ``(N,)``.
 
@@ -134,6 +143,16 @@ def train_classifier(
         max_train: use at most this many training images (a seeded subset) to bound the time.
         seed: seeds the initial weights, the subset and the batch order (byte-identical on CPU).
         on_epoch: ``on_epoch(epoch, {'train_loss', 'train_accuracy'})`` after each epoch.
+        dist: the rank/world of a ``torchrun`` job (:func:`genmodels.distributed.init_from_env`);
+            with ``world_size > 1`` the CNN is wrapped in DistributedDataParallel and each rank
+            computes its slice of every global batch of ``batch_size`` images (every rank draws
+            the same subset and permutation from the same seeded generator). Its summed
+            cross-entropy is weighted so that DDP's gradient average is the gradient of the
+            global-batch mean, so the run follows the single-process one up to float reduction
+            order. The network has no BatchNorm, dropout or augmentation: nothing else is
+            per-batch or per-rank. Train loss/accuracy are summed over ranks; the test accuracy
+            is rank 0's on every rank; only rank 0 calls ``on_epoch``. ``None`` or world size 1:
+            single process, unchanged.
     """
     g = make_generator(seed)
     if max_train is not None and train_x.shape[0] > max_train:
@@ -143,6 +162,13 @@ def train_classifier(
     _init(model, g)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # Data parallel (torchrun): a separate branch, so the single-process path stays exactly as it was.
+    ddp = dist is not None and dist.world_size > 1
+    if ddp:
+        # SmallCNN has no buffers; DDP broadcasts rank 0's initial weights at construction.
+        ddp_model = wrap_ddp(model, dist, forward_sync_buffers=False)
+        if not dist.is_main:
+            on_epoch = None
     history: list[dict[str, float]] = []
     n = train_x.shape[0]
     for epoch in range(1, epochs + 1):
@@ -152,6 +178,20 @@ def train_classifier(
         correct = torch.zeros((), dtype=torch.int64, device=device)
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
+            if ddp:
+                # This rank's rows of the global batch (possibly none when the last batch is
+                # smaller than the world), its summed loss weighted so that DDP's average is
+                # the gradient of the global-batch mean.
+                local = shard_indices(idx, dist.rank, dist.world_size)
+                xb, yb = train_x[local].to(device), train_y[local].to(device)
+                logits = ddp_model(xb)
+                loss_sum = nn.functional.cross_entropy(logits, yb, reduction="sum")
+                opt.zero_grad(set_to_none=True)
+                (loss_sum * local_loss_weight(idx.numel(), dist.world_size)).backward()
+                opt.step()
+                total += loss_sum.detach().to(torch.float64)
+                correct += (logits.argmax(1) == yb).sum()
+                continue
             xb, yb = train_x[idx].to(device), train_y[idx].to(device)
             logits = model(xb)
             loss = nn.functional.cross_entropy(logits, yb)
@@ -161,14 +201,23 @@ def train_classifier(
             # Accumulate on the device: no host sync per batch.
             total += loss.detach().to(torch.float64) * idx.numel()
             correct += (logits.argmax(1) == yb).sum()
+        if ddp:
+            # Every rank reports the figures of the whole epoch (all global batches).
+            total, correct = all_reduce_sum(total), all_reduce_sum(correct)
         row = {"train_loss": float(total) / n, "train_accuracy": int(correct) / n}
         history.append({"epoch": float(epoch), **row})
         if on_epoch is not None:
             on_epoch(epoch, row)
     model.eval()
+    if ddp:
+        # Rank 0 evaluates (all ranks hold the same weights); every rank gets its figure.
+        acc = accuracy(model, test_x, test_y) if dist.is_main else 0.0
+        test_accuracy = float(broadcast_from_main(torch.tensor(acc, dtype=torch.float64, device=device)))
+    else:
+        test_accuracy = accuracy(model, test_x, test_y)
     return ClassifierResult(
         model=model,
-        test_accuracy=accuracy(model, test_x, test_y),
+        test_accuracy=test_accuracy,
         train_accuracy=history[-1]["train_accuracy"] if history else float("nan"),
         n_train=int(n),
         n_test=int(test_x.shape[0]),
