@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,17 @@ def load_checkpoint(
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means "not a safe checkpoint"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        if text.startswith("Weights only load failed") and "\n" in text:
+            # torch's refusal opens with advice to reload with weights_only=False, which is exactly
+            # what must not be done with an untrusted file; keep only what it refused and why.
+            body = text.split("\n", 1)[1].split("Check the documentation")[0]
+            body = body.split("your use case:")[-1].replace("WeightsUnpickler error:", "")
+            first = "refused: " + " ".join(body.split())
+        elif not zipfile.is_zipfile(path):
+            first = "not a torch checkpoint at all: torch.save writes a zip archive and this file is not one"
+        else:
+            first = text.splitlines()[0] if text else type(err).__name__
         raise CheckpointError(
             f"checkpoint {path}: not a loadable genmodels checkpoint ({type(err).__name__}: {first[:300]}); "
             "it is loaded with weights_only=True, so files holding arbitrary Python objects are refused"
