@@ -31,6 +31,8 @@ def _stage_fails(proj: DvcProject, *args: str, env: dict[str, str] | None = None
     proc = proj.python(*args, check=False, timeout=600)
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # The message a user sees (`pytest -rP tests/test_bad_inputs.py` lists them all).
+    print("\n".join(line for line in proc.stderr.splitlines() if line.startswith("error:")))
     return proc.stderr
 
 
