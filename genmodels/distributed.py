@@ -40,6 +40,8 @@ from torch import Tensor, nn
 __all__ = [
     "DistInfo",
     "MethodAsForward",
+    "all_gather_rows",
+    "all_reduce_max",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -51,6 +53,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "local_loss_weight",
+    "shard_bounds",
     "shard_indices",
     "shard_rows",
     "unwrap",
@@ -188,6 +191,19 @@ def shard_rows(t: Tensor, rank: int, world_size: int) -> Tensor:
     return shard_indices(t, rank, world_size)
 
 
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of this rank's rows of a global batch of ``n``: the cut of :func:`shard_indices`.
+
+    For randomness that must be drawn as a whole inside a callee (the Langevin noise of every
+    step): draw ``(n, ...)`` there and keep rows ``start:stop``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    q, r = divmod(n, world_size)
+    start = rank * q + min(rank, r)
+    return start, start + q + (1 if rank < r else 0)
+
+
 def local_loss_weight(global_batch: int, world_size: int) -> float:
     """Weight of this rank's *summed* per-example loss so DDP's average is the global mean.
 
@@ -220,6 +236,39 @@ def broadcast_from_main(t: Tensor) -> Tensor:
     out = t.clone()
     dist.broadcast(out, src=0)
     return out
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Element-wise maximum of ``t`` over ranks (a new tensor; ``t`` itself when single-process).
+
+    On 0/1 flags it is a logical "any rank": one collective for several flags and maxima.
+    """
+    if not is_distributed():
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def all_gather_rows(t: Tensor, n: int) -> Tensor:
+    """The global batch ``(n, ...)`` from every rank's :func:`shard_bounds` rows ``t``.
+
+    The inverse of :func:`shard_rows`: each rank passes its rows (uneven shards, even empty
+    ones, are padded to the largest for the collective and cut back) and every rank gets the
+    same ``(n, ...)`` tensor, in rank order. ``t`` itself when single-process.
+    """
+    if not is_distributed():
+        return t
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [b - a for a, b in (shard_bounds(n, r, world) for r in range(world))]
+    if t.shape[0] != sizes[rank]:
+        raise ValueError(f"rank {rank} holds {t.shape[0]} rows of a global batch of {n}; expected {sizes[rank]}")
+    width = max(sizes)
+    padded = t.new_zeros((width, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)])
 
 
 def all_reduce_mean(t: Tensor) -> Tensor:

@@ -9,6 +9,10 @@ Writes the checkpoint (best weights, final weights, optimizer, replay buffer, ge
 the per-epoch series, buffer sample grids every ``ebm.sample_every`` epochs, long-run samples
 from noise, and ``metrics/train_ebm.json``; logs all of it to MLflow. Resumes from
 ``.resume/train_ebm.pt`` after an interruption.
+
+Also runs data-parallel under ``torchrun --nproc_per_node N stages/train_ebm.py`` (one process
+per GPU, or gloo on the CPU): every rank keeps the whole replay buffer and runs Langevin on its
+slice of each global batch of chains; rank 0 alone logs to MLflow and writes the outputs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from _common import (  # noqa: E402
 
 from genmodels.configs import to_dict  # noqa: E402
 from genmodels.data.images import load_prepared  # noqa: E402
+from genmodels.distributed import cleanup, init_from_env  # noqa: E402
 from genmodels.ebm import RollbackEvent, images_to_float, sample_model, train_ebm  # noqa: E402
 from genmodels.training import make_generator, resume_path, save_checkpoint  # noqa: E402
 
@@ -108,7 +113,10 @@ def _curves(rows: list[dict[str, float]], path: Path):  # noqa: ANN202 - matplot
 def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, metrics_path: Path) -> None:
     """Train the energy-based model on the prepared MNIST class."""
     params = load_params_or_exit(params_path)
-    device = setup_torch(params)
+    # Under `torchrun --nproc_per_node N` this joins the process group (gloo on CPU, nccl on
+    # CUDA, one GPU per rank); run plainly it is a single process and changes nothing.
+    dist_info = init_from_env(setup_torch(params))
+    device = dist_info.device
     cfg = params.ebm
     data = load_prepared(data_path)
     train, val, test = data["train"], data["val"], data["test"]
@@ -118,11 +126,22 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
         err=True,
     )
     resume = resume_path(Path.cwd(), STAGE)
+    if not dist_info.is_main:
+        # Other ranks only contribute their slices of each batch: rank 0 alone logs and writes.
+        train_ebm(cfg, train, val, device=device, resume_path=resume, dist=dist_info)
+        cleanup()
+        return
     if resume.is_file():
         click.echo(f"[{STAGE}] found resume state {resume}; continuing from it if its config matches", err=True)
     buffer_dir = plots_dir / "buffer"
     with mlflow_run(STAGE, params, ["ebm"], device) as run:
-        run.set_tags({"data.split": data["split"], "data.class_index": int(data["class_index"])})
+        run.set_tags(
+            {
+                "data.split": data["split"],
+                "data.class_index": int(data["class_index"]),
+                "world_size": dist_info.world_size,
+            }
+        )
 
         def on_samples(epoch: int, images: torch.Tensor) -> None:
             fig = _save_grid(images, buffer_dir / f"epoch_{epoch:04d}.png", f"replay buffer, epoch {epoch}")
@@ -159,7 +178,9 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
             on_samples=on_samples,
             on_rollback=on_rollback,
             resume_path=resume,
+            dist=dist_info,
         )
+        cleanup()  # the collectives are over; sampling, evaluation and figures are rank 0's alone
         train_seconds = time.perf_counter() - t0
 
         model_dir.mkdir(parents=True, exist_ok=True)

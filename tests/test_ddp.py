@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from genmodels.configs.realnvp2d import RealNVP2DConfig
-from genmodels.distributed import DistInfo, local_loss_weight, shard_indices, wrap_ddp
+from genmodels.distributed import DistInfo, local_loss_weight, shard_bounds, shard_indices, wrap_ddp
 from genmodels.flows.realnvp2d import init_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +64,14 @@ def test_shard_indices_partition_the_global_batch(n: int, world: int) -> None:
     assert torch.equal(torch.cat(shards), idx)  # rank order gives the global batch back
     sizes = [s.numel() for s in shards]
     assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("n,world", [(10, 2), (7, 2), (5, 3), (1, 2), (0, 4), (64, 1), (31, 2), (15, 4)])
+def test_shard_bounds_are_the_shard_indices_cut(n: int, world: int) -> None:
+    idx = torch.arange(n)
+    for r in range(world):
+        start, stop = shard_bounds(n, r, world)
+        assert torch.equal(idx[start:stop], shard_indices(idx, r, world))
 
 
 def test_shard_indices_rejects_bad_rank() -> None:
@@ -263,6 +271,20 @@ DDP_FLOW = {
     "n_samples": 16,
     "eval_batch_size": 500,
 }
+# The EBM: batches of 31 of 193 zeros give uneven shards (16 + 15 images and Langevin chains)
+# and a short last batch (7 = 4 + 3); 3 epochs = 21 Adam steps.
+DDP_EBM = {
+    "hidden": [32],
+    "epochs": 3,
+    "batch_size": 31,
+    "buffer_size": 128,
+    "langevin_steps": 5,
+    "lr": 1e-3,
+    "patience": 50,
+    "sample_every": 2,
+    "sample_steps": 10,
+}
+DDP_EBM_SLICE = {"train": 193, "val": 40, "test": 40}
 # Tolerance: DDP_RTOL/DDP_ATOL above, for the same reason. The ranks sum shard gradients (and,
 # for the DDPM, the importance-sampling statistics) in another float32 order than one backward
 # pass does; nothing else differs (same permutation, steps, noise, dequantisation). Measured
@@ -276,9 +298,10 @@ DDP_FLOW = {
 
 @pytest.fixture(scope="module")
 def ddp_stage_project(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Any:
-    """A project copy (stages, genmodels, tiny params, private MLflow store) with the 2D points
-    and the Fashion-MNIST T-shirts prepared from the real mirror by the prepare stage's library
-    calls (in-process: a `prepare` subprocess costs seconds of MLflow start-up, twice)."""
+    """A project copy (stages, genmodels, tiny params, private MLflow store) with the 2D points,
+    the Fashion-MNIST T-shirts and a slice of the MNIST zeros prepared from the real mirror by the
+    prepare stage's library calls (in-process: a `prepare` subprocess costs seconds of MLflow
+    start-up, each time)."""
     import shutil
 
     from conftest import PROJECT_FILES, DvcProject
@@ -296,7 +319,9 @@ def ddp_stage_project(tmp_path_factory: pytest.TempPathFactory, shared_data: Pat
             shutil.copy2(src, root / name)
     proj = DvcProject(root)
     # The T-shirts of the official test file split 700/100/200: real images, seconds per epoch.
-    raw = proj.write_params({"ddpm": DDP_DDPM, "flow": DDP_FLOW, "data": {"fashion_mnist": {"split": "test"}}})
+    raw = proj.write_params(
+        {"ddpm": DDP_DDPM, "flow": DDP_FLOW, "ebm": DDP_EBM, "data": {"fashion_mnist": {"split": "test"}}}
+    )
     params = load_params(raw)
     out = root / "data" / "prepared"
     out.mkdir(parents=True)
@@ -318,6 +343,15 @@ def ddp_stage_project(tmp_path_factory: pytest.TempPathFactory, shared_data: Pat
         log=lambda m: None,
     )
     torch.save(prepared.to_dict(), out / "fashion_mnist.pt")
+    # MNIST zeros (split of the official test file), cut to a slice that trains in a second.
+    zeros = prepare_images(
+        "mnist", params.data.mnist, raw_dir=root / "data" / "raw", mirror=shared_data, seed=params.common.seed,
+        log=lambda m: None,
+    ).to_dict()  # fmt: skip
+    for split, k in DDP_EBM_SLICE.items():
+        assert zeros[split].shape[0] >= k
+        zeros[split] = zeros[split][:k].clone()
+    torch.save(zeros, out / "mnist.pt")
     proj.params = params
     return proj
 
@@ -453,4 +487,182 @@ def test_train_flow_stage_under_torchrun_matches_single_process(ddp_stage_projec
         _read_csv_rows(proj.root / "plots/flow/train.csv"), ref.history.rows,
         ("train_loss", "val_loss", "val_bpd_median", "lr"),
         model.state_dict(), ref.model.state_dict(), init.state_dict(), "image flow",
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the EBM (replay buffer, Langevin)
+
+_EBM_WORKER = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from test_ddp import _ebm_cases
+    from genmodels.distributed import cleanup, init_from_env
+    from genmodels.ebm import train_ebm
+
+    torch.set_num_threads(1)
+    info = init_from_env("cpu")
+    out = {}
+    for name, (cfg, train, val, resume) in _ebm_cases(sys.argv[1]).items():
+        called = []
+        res = train_ebm(
+            cfg, train, val, device="cpu", dist=info, resume_path=resume,
+            on_epoch=lambda e, m: called.append(("epoch", e)), on_samples=lambda e, s: called.append(("samples", e)),
+            on_rollback=lambda ev: called.append(("rollback", ev.epoch)),
+        )
+        out[name] = {"checkpoint": res.checkpoint, "rows": res.history.rows, "called": called}
+    torch.save(out, f"{sys.argv[1]}/ebm_rank{info.rank}.pt")
+    cleanup()
+    """
+)
+
+
+def _ebm_cases(folder: str) -> dict[str, tuple[Any, torch.Tensor, torch.Tensor, Path | None]]:
+    """The EBM trainings compared under torchrun: an even split (batch 32: 16 + 16, EMA and lr
+    decay) with a last batch of one image (1 + 0: rank 1 moves no chain and still takes part),
+    a divergence rolled back (batch 15: uneven 8 + 7 and a last batch of 3 = 2 + 1), and a run
+    resumed on both ranks from a single-process resume file (``<folder>/ebm_resume.pt``)."""
+    import dataclasses
+
+    from test_ebm_train import TINY, rings
+
+    even = dataclasses.replace(TINY, batch_size=32, buffer_size=96, lr_decay=0.9)
+    return {
+        "even": (even, rings(97, 0), rings(16, 1), None),
+        "rollback": (
+            dataclasses.replace(TINY, batch_size=15, lr=10.0, max_energy=50.0, rollback_lr_factor=1e-4, max_rollbacks=2),
+            rings(48, 0), rings(16, 1), None,
+        ),
+        "resumed": (even, rings(97, 0), rings(16, 1), Path(folder) / "ebm_resume.pt"),
+    }  # fmt: skip
+
+
+def _ebm_compare(got: dict[str, Any], want: dict[str, Any], label: str) -> str:
+    """Weights (best, final, final average), buffer chains and per-epoch series within
+    DDP_RTOL/DDP_ATOL, random streams equal; returns the largest differences as a line."""
+    keys = ("train_loss", "val_loss", "cd_loss", "reg_loss", "energy_real", "energy_fake", "val_energy_real",
+            "val_energy_fake", "max_abs_energy", "lr", "rollbacks")  # fmt: skip
+    # what -> [max |diff|, where, largest share of the tolerance, where]
+    worst: dict[str, list[Any]] = {}
+
+    def note(what: str, where: str, got_t: torch.Tensor, want_t: torch.Tensor) -> None:
+        diff = (got_t.double() - want_t.double()).abs()
+        share = float((diff / (DDP_ATOL + DDP_RTOL * want_t.double().abs())).max())
+        w = worst.setdefault(what, [-1.0, "", -1.0, ""])
+        if float(diff.max()) > w[0]:
+            w[0:2] = [float(diff.max()), where]
+        if share > w[2]:
+            w[2:4] = [share, where]
+
+    assert len(got["rows"]) == len(want["rows"]), label
+    for g_row, w_row in zip(got["rows"], want["rows"], strict=True):
+        assert g_row["epoch"] == w_row["epoch"], label
+        for k in keys:
+            assert abs(g_row[k] - w_row[k]) <= DDP_ATOL + DDP_RTOL * abs(w_row[k]), (label, k, g_row, w_row)
+            note("series", k, torch.tensor(g_row[k]), torch.tensor(w_row[k]))
+    for part in ("model", "final_model", "final_eval_model"):
+        for k, v in want[part].items():
+            torch.testing.assert_close(got[part][k], v, rtol=DDP_RTOL, atol=DDP_ATOL, msg=f"{label} {part} {k}")
+            note("weight", f"{part}.{k}", got[part][k], v)
+    chains, ref_chains = got["buffer"]["examples"], want["buffer"]["examples"]
+    torch.testing.assert_close(chains, ref_chains, rtol=DDP_RTOL, atol=DDP_ATOL, msg=f"{label} buffer")
+    note("buffer", "chains", chains, ref_chains)
+    # Every random stream advanced exactly as in one process (no extra or missing draws).
+    assert torch.equal(got["buffer"]["generator"], want["buffer"]["generator"]), label
+    assert torch.equal(got["g_data"], want["g_data"]) and torch.equal(got["g_langevin"], want["g_langevin"]), label
+    same = ("best_epoch", "epochs_run", "rollbacks")
+    assert [got[k] for k in same] == [want[k] for k in same], label
+    return f"EBM {label}: DDP (2 gloo ranks) vs single process: " + ", ".join(
+        f"max |d{what}| {d:.3g} ({d_at}; at most {share:.1%} of the tolerance, {share_at})"
+        for what, (d, d_at, share, share_at) in worst.items()
+    )
+
+
+def test_ebm_trainer_two_gloo_ranks_match_single_process(tmp_path: Path) -> None:
+    """train_ebm on 2 gloo ranks vs one process, same global batch: best and final weights, the
+    replay buffer, the per-epoch series and the generator states agree (DDP_RTOL/DDP_ATOL); a
+    divergence is rolled back on both ranks alike, a resume file is read by both ranks, the
+    ranks hold identical weights and buffers, and rank 1 calls no callback."""
+    from genmodels.ebm import train_ebm
+    from genmodels.ebm.trainer import RESUME_KIND
+
+    cases = _ebm_cases(str(tmp_path))
+    cfg, train, val, resume = cases["resumed"]
+    assert resume is not None
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_1(epoch: int, metrics: object) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_ebm(cfg, train, val, resume_path=resume, on_epoch=stop_after_1)
+    assert torch.load(resume, weights_only=True)["epoch"] == 1
+
+    script = tmp_path / "ebm_worker.py"
+    script.write_text(_EBM_WORKER)
+    _torchrun(script, str(tmp_path), str(Path(__file__).parent))
+    r0 = torch.load(tmp_path / "ebm_rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ebm_rank1.pt", weights_only=True)
+
+    for name, (cfg, train, val, _) in cases.items():
+        ref = train_ebm(cfg, train, val)  # uninterrupted (a resumed run is byte-identical to it)
+        got = {**r0[name]["checkpoint"], "rows": r0[name]["rows"]}
+        line = _ebm_compare(got, {**ref.checkpoint, "rows": ref.history.rows}, name)
+        # The ranks hold the same state bit for bit (all-reduced gradients, gathered chains).
+        for part in ("final_model", "final_eval_model", "model"):
+            for k, v in got[part].items():
+                assert torch.equal(v, r1[name]["checkpoint"][part][k]), (name, part, k)
+        assert torch.equal(got["buffer"]["examples"], r1[name]["checkpoint"]["buffer"]["examples"]), name
+        assert r1[name]["called"] == [], name  # callbacks are rank 0's
+        first = 2 if name == "resumed" else 1  # the resumed run continues after the file's epoch 1
+        epochs_called = [c for c in r0[name]["called"] if c[0] == "epoch"]
+        assert epochs_called == [("epoch", e) for e in range(first, cfg.epochs + 1)], name
+        print(line)
+    assert [c for c in r0["rollback"]["called"] if c[0] == "rollback"] == [("rollback", 1)]
+    # Rank 0 alone kept writing the resume file: it holds rank 0's final state.
+    snap = torch.load(resume, weights_only=True)
+    assert snap["kind"] == RESUME_KIND and snap["epoch"] == cfg.epochs
+    assert all(torch.equal(snap["model"][k], v) for k, v in r0["resumed"]["checkpoint"]["final_model"].items())
+
+
+def test_train_ebm_stage_under_torchrun_matches_single_process(ddp_stage_project: Any) -> None:
+    """`torchrun --nproc_per_node 2 stages/train_ebm.py` (gloo) on real MNIST zeros, batch 31
+    (uneven shards, a short last batch): rank 0 alone logs and writes, and its checkpoint (best
+    and final weights, replay buffer) and per-epoch series equal a single-process training with
+    the same global batch within DDP_RTOL/DDP_ATOL."""
+    from mlflow.tracking import MlflowClient
+
+    from genmodels.data.images import load_prepared
+    from genmodels.ebm import build_model, train_ebm
+    from genmodels.ebm.trainer import _init_weights
+    from genmodels.training import make_generator
+
+    proj = ddp_stage_project
+    rank0, rank1 = _torchrun_stage(proj, "stages/train_ebm.py")
+    assert rank0.count("[train_ebm] epoch ") == DDP_EBM["epochs"] and rank0.count("[train_ebm] done") == 1
+    assert "epoch" not in rank1 and "done" not in rank1 and "MLflow" not in rank1  # rank 1 trained silently
+    run = _assert_one_rank0_run(proj, "train_ebm")
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj.root / 'mlflow.db'}")
+    figures = sorted(Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures"))
+    # each buffer grid once (rank 0's on_samples), none from rank 1
+    assert figures == ["buffer_epoch_0002.png", "buffer_epoch_0003.png", "samples.png", "train_curves.png"]
+    assert sorted(p.name for p in (proj.root / "plots/ebm/buffer").iterdir()) == ["epoch_0002.png", "epoch_0003.png"]
+    assert not (proj.root / ".resume" / "train_ebm.pt").exists()  # rank 0 removed the one resume file
+
+    cfg = proj.params.ebm
+    data = load_prepared(proj.root / "data/prepared/mnist.pt")
+    assert data["train"].shape[0] == DDP_EBM_SLICE["train"]
+    ref = train_ebm(cfg, data["train"], data["val"], device="cpu")
+    ckpt = torch.load(proj.root / "models/ebm/model.pt", weights_only=True)
+    metrics = json.loads((proj.root / "metrics/train_ebm.json").read_text())
+    assert metrics["best_epoch"] == ref.best_epoch and metrics["epochs_run"] == ref.epochs_run == DDP_EBM["epochs"]
+    rows = _read_csv_rows(proj.root / "plots/ebm/train.csv")
+    print(_ebm_compare({**ckpt, "rows": rows}, {**ref.checkpoint, "rows": ref.history.rows}, "stage"))
+    init = build_model(ckpt["config"])
+    _init_weights(init, make_generator(cfg.seed, "cpu"))
+    _compare_runs(
+        rows, ref.history.rows, ("train_loss", "val_loss", "energy_real", "energy_fake"),
+        ckpt["final_model"], ref.checkpoint["final_model"], init.state_dict(), "EBM (final weights)",
     )  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from genmodels.distributed import all_gather_rows, shard_bounds
 from genmodels.ebm.buffer import ReplayBuffer
 
 Energy = Callable[[Tensor], Tensor]
@@ -36,6 +37,7 @@ def langevin(
     grad_clip: float | None = None,
     clamp: tuple[float, float] | None = (0.0, 1.0),
     generator: torch.Generator | None = None,
+    noise_rows: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Run ``n_steps`` of Langevin dynamics from ``x``; a pure function of its inputs.
 
@@ -50,6 +52,10 @@ def langevin(
         grad_clip: per-element clamp of ``grad_x E`` (None = no clamp).
         clamp: range the states are clamped to after each step (None = unbounded).
         generator: source of the Gaussian noise (needed for reproducible chains).
+        noise_rows: ``(n, start, stop)`` when ``x`` holds rows ``start:stop`` of a batch of ``n``
+            chains that other processes run the rest of (data-parallel training): every step
+            draws the noise of all ``n`` chains and uses these rows, so ``generator`` advances
+            as for the whole batch and each chain gets the noise it gets in one process.
 
     Returns:
         Final states ``(B, ...)``, detached.
@@ -64,7 +70,12 @@ def langevin(
         x = x.detach()
         if grad_clip is not None:
             grad = grad.clamp(-grad_clip, grad_clip)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if noise_rows is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            n, start, stop = noise_rows
+            shape = (n, *x.shape[1:])
+            noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)[start:stop]
         x = x - step_size * grad + noise_std * noise
         if clamp is not None:
             x = x.clamp(clamp[0], clamp[1])
@@ -114,6 +125,36 @@ class BufferSampler:
             generator=self.generator,
         )
         self.buffer.push(idx, x)
+        return x
+
+    def sample_shard(self, energy: Energy, n: int, rank: int, world_size: int) -> Tensor:
+        """This rank's rows of ``n`` negative samples, for data-parallel training.
+
+        Every rank holds an identical buffer and draws the same ``n`` chains and restarts (same
+        generator); it runs Langevin only on its :func:`~genmodels.distributed.shard_bounds`
+        rows, with those rows of the whole batch's noise, then the updated chains are gathered
+        from all ranks and every rank pushes the same ``n`` chains, so the buffers stay
+        identical and equal to the single-process buffer (up to float reduction order in
+        ``energy``). ``energy`` should be the plain module, not its DDP wrapper: sampling needs
+        input gradients only, no gradient synchronisation. A collective: all ranks must call it.
+
+        Returns:
+            The rows ``start:stop`` of the samples, ``(stop - start, *buffer.shape)``, detached.
+        """
+        x0, idx = self.buffer.sample(n)
+        start, stop = shard_bounds(n, rank, world_size)
+        x = langevin(
+            energy,
+            x0[start:stop],
+            n_steps=self.n_steps,
+            step_size=self.step_size,
+            noise_std=self.noise_std,
+            grad_clip=self.grad_clip,
+            clamp=self.clamp,
+            generator=self.generator,
+            noise_rows=(n, start, stop),
+        )
+        self.buffer.push(idx, all_gather_rows(x, n))
         return x
 
 

@@ -13,6 +13,14 @@ epoch is undone: model, optimizer, buffer, early stopping and history return to 
 epoch, the learning rate is multiplied by ``rollback_lr_factor``, a slice of the buffer restarts
 from noise, and the epoch is retried. After ``max_rollbacks`` rollbacks training fails with
 :class:`EBMDivergenceError`; the last good state stays on disk in the resume file.
+
+Under ``torchrun`` (``dist=`` with more than one process) each rank holds the whole replay buffer
+in the same state, draws the same global batch of chains and restarts, runs Langevin on its slice
+of them only (the expensive part) with its rows of the whole batch's noise, and every rank pushes
+the gathered chains back; the CD loss of its slice of the data goes through DDP, weighted so that
+DDP's gradient average is the gradient of the global-batch loss. Divergence flags are combined
+over ranks and validation is rank 0's, so every rank takes the same decisions (rollback, best
+epoch, early stopping) and the run follows the single-process one up to float reduction order.
 """
 
 from __future__ import annotations
@@ -30,6 +38,15 @@ from torch import Tensor
 
 from genmodels.configs.base import to_dict
 from genmodels.configs.ebm import EBMConfig
+from genmodels.distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_from_main,
+    local_loss_weight,
+    shard_rows,
+    wrap_ddp,
+)
 from genmodels.ebm.buffer import ReplayBuffer
 from genmodels.ebm.langevin import BufferSampler
 from genmodels.ebm.model import IMAGE_SHAPE, N_PIXELS, EnergyMLP, build_model
@@ -174,6 +191,18 @@ class _Trainer:
         self.best_state = _clone_state(self.eval_model.state_dict())
         self.events: list[RollbackEvent] = []
         self.stopped_early = False
+        # Data parallel (set by enable_ddp): the rank/world and the DDP wrapper of self.model.
+        self.dist: DistInfo | None = None
+        self.ddp_model: torch.nn.Module | None = None
+
+    def enable_ddp(self, dist: DistInfo) -> None:
+        """Train data-parallel from now on: the loss goes through DDP, sampling through the plain module.
+
+        DDP broadcasts rank 0's weights at construction; they equal every rank's anyway (same
+        seed, same resume file).
+        """
+        self.dist = dist
+        self.ddp_model = wrap_ddp(self.model, dist)
 
     # --- state -------------------------------------------------------------------------------
 
@@ -246,34 +275,65 @@ class _Trainer:
         bad_energy = torch.zeros((), dtype=torch.bool, device=self.device)
         max_abs = torch.zeros((), device=self.device)
         batches = perm.split(cfg.batch_size)
+        dist = self.dist
         for idx in batches:
             real = self.train_x[idx]
             noise = torch.randn(real.shape, generator=self.g_data, device=self.device)
             real = (real + cfg.data_noise * noise).clamp(0.0, 1.0)
+            if dist is not None and self.ddp_model is not None:
+                # Data parallel: the global batch's data and data noise were drawn in full above,
+                # as one process draws them; this rank takes its rows. The sampler draws the global
+                # batch of chains on every rank and runs Langevin on this rank's rows with the plain
+                # module (input gradients only: no DDP hooks, no gradient all-reduce).
+                b, rank, world = real.shape[0], dist.rank, dist.world_size
+                real_l = shard_rows(real, rank, world)
+                fake_l = self.sampler.sample_shard(self.model, b, rank, world)
+                energies = self.ddp_model(torch.cat([real_l, fake_l]))
+                e_real, e_fake = energies[: real_l.shape[0]], energies[real_l.shape[0] :]
+                # cd_loss is a sum of batch means over b data and b chains: this rank's sums over
+                # its rows, divided by b, add up over ranks to it, and local_loss_weight(b, world)
+                # (= world / b) makes DDP's gradient average the gradient of the global-batch loss.
+                s_real, s_fake = e_real.sum(), e_fake.sum()
+                cd_sum = s_real - s_fake
+                reg_sum = cfg.alpha * (e_real.pow(2).sum() + e_fake.pow(2).sum())
+                loss_sum = cd_sum + reg_sum
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss_sum * local_loss_weight(b, world)).backward()
+                grad_sq = self._step()  # of the averaged (global-batch) gradient: the same on every rank
+                with torch.no_grad():
+                    stats = torch.stack([loss_sum, cd_sum, reg_sum, s_real, s_fake]).detach() / b
+                    sums += stats  # this rank's share of the batch means; summed over ranks below
+                    bad_value |= ~torch.isfinite(stats).all() | ~torch.isfinite(grad_sq)
+                    if energies.numel() > 0:  # a rank's slice is empty when b < world
+                        max_abs = torch.maximum(max_abs, energies.detach().abs().max().nan_to_num(math.inf))
+                    bad_energy |= max_abs > cfg.max_energy
+                continue
             fake = self.sampler(self.model, real.shape[0])
             energies = self.model(torch.cat([real, fake]))
             e_real, e_fake = energies[: real.shape[0]], energies[real.shape[0] :]
             loss, cd, reg = cd_loss(e_real, e_fake, cfg.alpha)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_sq = torch.stack([p.grad.pow(2).sum() for p in self.model.parameters() if p.grad is not None]).sum()
-            self.optimizer.step()
-            if self.ema is not None:
-                # Warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates): early on
-                # the average would otherwise be dominated by the random initial weights.
-                self.ema_updates += 1
-                decay = min(cfg.ema_decay, (1.0 + self.ema_updates) / (10.0 + self.ema_updates))
-                with torch.no_grad():
-                    for p_avg, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                        p_avg.lerp_(p, 1.0 - decay)
+            grad_sq = self._step()
             with torch.no_grad():
                 stats = torch.stack([loss, cd, reg, e_real.mean(), e_fake.mean()]).detach()
                 sums += stats
                 bad_value |= ~torch.isfinite(stats).all() | ~torch.isfinite(grad_sq)
                 max_abs = torch.maximum(max_abs, energies.detach().abs().max().nan_to_num(math.inf))
                 bad_energy |= max_abs > cfg.max_energy
+        if dist is not None:
+            # Global epoch figures on every rank; a divergence on any rank rolls all of them back.
+            sums = all_reduce_sum(sums)
+            flags = all_reduce_max(torch.stack([bad_value.to(max_abs.dtype), bad_energy.to(max_abs.dtype), max_abs]))
+            bad_value, bad_energy, max_abs = flags[0] > 0, flags[1] > 0, flags[2]
         means = (sums / len(batches)).tolist()
         val = self.validate()
+        if dist is not None:
+            # Every rank validates the same weights on the same chains; rank 0's figures decide
+            # (best epoch, early stopping, divergence) so all ranks leave the loop together.
+            keys = list(val)
+            shared = broadcast_from_main(torch.tensor([val[k] for k in keys], dtype=torch.float64, device=self.device))
+            val = dict(zip(keys, shared.tolist(), strict=True))
         metrics = {
             "train_loss": means[0],
             "cd_loss": means[1],
@@ -290,6 +350,21 @@ class _Trainer:
         elif bool(bad_energy) or abs(val["val_energy_real"]) > cfg.max_energy:
             reason = f"energy magnitude {float(max_abs):.3g} exceeded max_energy {cfg.max_energy:g}"
         return metrics, reason
+
+    def _step(self) -> Tensor:
+        """Optimizer step and EMA update after ``backward``; returns the squared gradient norm."""
+        cfg = self.config
+        grad_sq = torch.stack([p.grad.pow(2).sum() for p in self.model.parameters() if p.grad is not None]).sum()
+        self.optimizer.step()
+        if self.ema is not None:
+            # Warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates): early on
+            # the average would otherwise be dominated by the random initial weights.
+            self.ema_updates += 1
+            decay = min(cfg.ema_decay, (1.0 + self.ema_updates) / (10.0 + self.ema_updates))
+            with torch.no_grad():
+                for p_avg, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                    p_avg.lerp_(p, 1.0 - decay)
+        return grad_sq
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -321,6 +396,7 @@ def train_ebm(
     on_samples: SampleCallback | None = None,
     on_rollback: Callable[[RollbackEvent], None] | None = None,
     resume_path: str | os.PathLike[str] | None = None,
+    dist: DistInfo | None = None,
 ) -> EBMTrainResult:
     """Train the EBM by contrastive divergence with early stopping, best checkpoint and rollback.
 
@@ -335,6 +411,16 @@ def train_ebm(
         on_rollback: called with each :class:`RollbackEvent` as it happens.
         resume_path: resume file, written atomically after every epoch; when it exists with
             the same config training continues from it (byte-identical to an uninterrupted run).
+        dist: the rank/world of a ``torchrun`` job (:func:`genmodels.distributed.init_from_env`);
+            with ``world_size > 1`` the energy MLP is wrapped in DistributedDataParallel and each
+            rank computes its slice of every global batch of ``config.batch_size`` images and
+            chains. Every rank keeps the whole replay buffer in the same state (same generators;
+            the chains each rank moved are gathered and pushed on all ranks), draws the global
+            batch's data noise, chain slots, restarts and Langevin noise in full and slices them,
+            so the run follows the single-process one up to float reduction order. Divergence
+            flags are combined over ranks, validation figures are rank 0's; every rank reads the
+            resume file, only rank 0 writes it and calls ``on_epoch``/``on_samples``/``on_rollback``.
+            ``None`` or world size 1: single process.
 
     Raises:
         EBMDivergenceError: more than ``max_rollbacks`` divergences (the resume file keeps the
@@ -347,6 +433,12 @@ def train_ebm(
         snap = _load_resume(resume, state.config_dict, device)
         if snap is not None:
             state.restore(snap, generators=True)
+    writer = resume  # where the resume state is written: one process only
+    if dist is not None and dist.world_size > 1:
+        state.enable_ddp(dist)  # after the resume state is loaded: every rank has read the same file
+        if not dist.is_main:
+            writer = None
+            on_epoch = on_samples = on_rollback = None
     good = state.snapshot()
     while state.epoch < config.epochs and not state.stopped_early:
         epoch = state.epoch + 1
@@ -369,8 +461,8 @@ def train_ebm(
             if on_rollback is not None:
                 on_rollback(event)
             good = state.snapshot()
-            if resume is not None:
-                atomic_save(good, resume)
+            if writer is not None:
+                atomic_save(good, writer)
             continue
         metrics["rollbacks"] = float(len(state.events))
         state.epoch = epoch
@@ -386,8 +478,8 @@ def train_ebm(
         if config.lr_decay < 1.0:
             state.set_lr(state.lr * config.lr_decay)
         good = state.snapshot()
-        if resume is not None:
-            atomic_save(good, resume)
+        if writer is not None:
+            atomic_save(good, writer)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if on_samples is not None and config.sample_every > 0:
