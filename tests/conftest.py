@@ -117,6 +117,17 @@ class DvcProject:
         return out
 
 
+def copy_project(root: Path) -> None:
+    """Copy what the pipeline reads (``PROJECT_FILES``) from this checkout into a new folder ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, root / name)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The offline data mirror (``../shared/data``); its absence is a set-up error, not a skip."""
@@ -129,13 +140,7 @@ def shared_data() -> Path:
 def dvc_project(tmp_path: Path, shared_data: Path) -> DvcProject:
     """A fresh git + DVC repo holding a copy of the project with tiny params (not yet committed runs)."""
     root = tmp_path / "project"
-    root.mkdir()
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
+    copy_project(root)
     (root / ".gitignore").write_text(
         "/data/raw/\n/data/prepared/\n/models/\n/mlflow.db\n/mlartifacts/\n/mlruns/\n/.resume/\n/.locks/\n__pycache__/\n"
     )

@@ -302,21 +302,14 @@ def ddp_stage_project(tmp_path_factory: pytest.TempPathFactory, shared_data: Pat
     the Fashion-MNIST T-shirts and a slice of the MNIST zeros prepared from the real mirror by the
     prepare stage's library calls (in-process: a `prepare` subprocess costs seconds of MLflow
     start-up, each time)."""
-    import shutil
-
-    from conftest import PROJECT_FILES, DvcProject
+    from conftest import DvcProject, copy_project
 
     from genmodels.configs import load_params
     from genmodels.data.images import prepare_images
     from genmodels.data.points2d import get_distribution, make_splits
 
     root = tmp_path_factory.mktemp("ddp_stages")
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
+    copy_project(root)
     proj = DvcProject(root)
     # The T-shirts of the official test file split 700/100/200: real images, seconds per epoch.
     raw = proj.write_params(
