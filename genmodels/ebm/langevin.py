@@ -114,7 +114,13 @@ class BufferSampler:
     def __call__(self, energy: Energy, n: int) -> Tensor:
         """``n`` negative samples ``(n, *buffer.shape)`` (detached); the buffer is updated."""
         x0, idx = self.buffer.sample(n)
-        x = langevin(
+        x = self._move(energy, x0)
+        self.buffer.push(idx, x)
+        return x
+
+    def _move(self, energy: Energy, x0: Tensor, noise_rows: tuple[int, int, int] | None = None) -> Tensor:
+        """:func:`langevin` from ``x0`` with this sampler's settings (``noise_rows``: see there)."""
+        return langevin(
             energy,
             x0,
             n_steps=self.n_steps,
@@ -123,9 +129,8 @@ class BufferSampler:
             grad_clip=self.grad_clip,
             clamp=self.clamp,
             generator=self.generator,
+            noise_rows=noise_rows,
         )
-        self.buffer.push(idx, x)
-        return x
 
     def sample_shard(self, energy: Energy, n: int, rank: int, world_size: int) -> Tensor:
         """This rank's rows of ``n`` negative samples, for data-parallel training.
@@ -143,17 +148,7 @@ class BufferSampler:
         """
         x0, idx = self.buffer.sample(n)
         start, stop = shard_bounds(n, rank, world_size)
-        x = langevin(
-            energy,
-            x0[start:stop],
-            n_steps=self.n_steps,
-            step_size=self.step_size,
-            noise_std=self.noise_std,
-            grad_clip=self.grad_clip,
-            clamp=self.clamp,
-            generator=self.generator,
-            noise_rows=(n, start, stop),
-        )
+        x = self._move(energy, x0[start:stop], noise_rows=(n, start, stop))
         self.buffer.push(idx, all_gather_rows(x, n))
         return x
 
