@@ -54,13 +54,30 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def _set_deterministic(mode: bool, *, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=...)`` without its import cost.
+
+    Since torch 2.6 the public function also sets ``torch._inductor.config.deterministic``,
+    and importing that config pulls in dynamo and inductor: about 2 s per stage process on
+    these CPUs, the largest start-up cost of a smoke run. Nothing here compiles with
+    inductor, so when it has not been imported yet only the ATen flag (which is what eager
+    kernels consult) is set; if inductor is already loaded, or the private setter is gone in
+    a future torch, the public function is used.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        return
+    setter(mode, warn_only=warn_only)
+
+
 def configure_torch(num_threads: int = 0, deterministic: bool = True) -> None:
     """Thread count and deterministic algorithms, set once at the start of a stage."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     if deterministic:
         # warn_only: a few CUDA kernels have no deterministic version; they warn instead of failing.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        _set_deterministic(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
 

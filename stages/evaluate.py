@@ -24,7 +24,7 @@ import click
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from _common import load_params_or_exit, mlflow_run, setup_torch, stage_main, write_json  # noqa: E402
+from _common import load_params_or_exit, mlflow_run, run_stage, setup_torch, stage_main, write_json  # noqa: E402
 
 from genmodels.configs import flatten, to_dict  # noqa: E402
 from genmodels.training import atomic_write_text  # noqa: E402
@@ -118,4 +118,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

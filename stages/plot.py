@@ -38,7 +38,7 @@ import torch
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from _common import load_params_or_exit, mlflow_run, setup_torch, stage_main  # noqa: E402
+from _common import load_params_or_exit, mlflow_run, run_stage, setup_torch, stage_main  # noqa: E402
 
 from genmodels import plotting as gp  # noqa: E402
 from genmodels.training import make_generator  # noqa: E402
@@ -368,4 +368,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

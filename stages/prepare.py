@@ -19,6 +19,7 @@ from _common import (  # noqa: E402
     load_params_or_exit,
     mlflow_run,
     resolve_input,
+    run_stage,
     setup_torch,
     stage_main,
     write_json,
@@ -116,4 +117,4 @@ def _prepare_points(params, out_dir: Path) -> dict:  # noqa: ANN001
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

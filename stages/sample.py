@@ -22,7 +22,7 @@ import torch
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from _common import fail, stage_main  # noqa: E402
+from _common import fail, run_stage, stage_main  # noqa: E402
 
 from genmodels.training import atomic_save, atomic_write_text, make_generator, resolve_device  # noqa: E402
 
@@ -121,4 +121,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

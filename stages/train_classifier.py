@@ -40,6 +40,7 @@ from _common import (  # noqa: E402
     load_params_or_exit,
     mlflow_run,
     resolve_input,
+    run_stage,
     setup_torch,
     stage_main,
     write_json,
@@ -192,4 +193,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -31,6 +31,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _common import (  # noqa: E402
     load_params_or_exit,
     mlflow_run,
+    run_stage,
     setup_torch,
     stage_main,
     write_csv,
@@ -245,4 +246,4 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

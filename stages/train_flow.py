@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
     StageRun,
     load_params_or_exit,
     mlflow_run,
+    run_stage,
     setup_torch,
     stage_main,
     write_csv,
@@ -208,4 +209,4 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
