@@ -283,13 +283,14 @@ def ddpm_reverse_snapshots(model: Any, n: int, steps: Sequence[int], generator: 
     dev = model.shift.device
     want = {int(t) for t in steps}
     out: dict[int, Tensor] = {}
-    x = torch.randn(n, model.dim, generator=generator, device=dev)
+    x = torch.randn(n, model.dim, generator=generator, device=dev, dtype=model.shift.dtype)
     if model.n_steps in want:
         out[model.n_steps] = x.cpu()
+    biases = model.step_biases()  # the sampler's fast path, so the t = 0 state is its output
     for t in range(model.n_steps, 0, -1):
         tt = torch.full((1,), t, device=dev, dtype=torch.long)
-        _, mean = model.predict(x, tt)
-        noise = torch.randn(x.shape, generator=generator, device=dev) if t > 1 else torch.zeros_like(x)
+        _, mean = model.predict(x, tt, biases)
+        noise = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype) if t > 1 else torch.zeros_like(x)
         x = model.schedule.step(mean, tt, noise)
         if t - 1 in want and t - 1 > 0:
             out[t - 1] = x.cpu()

@@ -77,6 +77,61 @@ def test_time_embedding_table_equals_per_row_embedding() -> None:
     torch.testing.assert_close(one, net(x[:5], t[:1].expand(5)))
 
 
+def _random_ddpm(n_steps: int, parameterization: str, seed: int):  # noqa: ANN202
+    cfg = config_dict(DDPMConfig(n_steps=n_steps, hidden_units=16, parameterization=parameterization))
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every weight non-zero, the output layer too, so the paths must agree
+        for p in model.net.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_at_shared_step_equals_forward(dtype: torch.dtype) -> None:
+    net = _random_ddpm(50, "mean", 0).net.to(dtype)
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    biases = net.step_biases(dtype)
+    assert biases.shape == (51, 3, 16)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for t in (1, 17, 50):
+        tt = torch.tensor([t])
+        with torch.inference_mode():
+            fast = net.forward_at(x, biases[t])
+        torch.testing.assert_close(fast, net(x, tt), **tol)
+
+
+@pytest.mark.parametrize("parameterization", ["mean", "eps", "x0"])
+def test_fast_sampler_and_bound_equal_the_per_row_network(parameterization: str) -> None:
+    """The samplers and the full bound use forward_at; redo both with the plain forward and
+    the same noise draws (same generator, same order) and compare."""
+    from genmodels.diffusion.elbo import decoder_const, nll_bound, prior_kl, weighted_mse
+
+    model = _random_ddpm(30, parameterization, 2).double()
+    L = model.n_steps
+    # ancestral chain, reference loop with the plain forward
+    got = sample(model, 200, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    for t in range(L, 0, -1):
+        tt = torch.full((200,), t)  # per-row steps: the forward's general path
+        _, mean = model.predict(x, tt)
+        noise = torch.randn(x.shape, generator=g, dtype=torch.float64) if t > 1 else torch.zeros_like(x)
+        x = model.schedule.step(mean, tt, noise)
+    torch.testing.assert_close(got, model.unstandardize(x), rtol=1e-8, atol=1e-8)  # float64, 30 chained steps
+    # full bound: noise drawn step by step for all points (one chunk)
+    pts = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 + 1
+    bound = nll_bound(model, pts, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    x0 = model.standardize(pts)
+    ref = torch.zeros(64, dtype=torch.float64)
+    for t in range(1, L + 1):
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        ref += weighted_mse(model, x0, torch.full((64,), t), noise)
+    ref = ref + prior_kl(model, x0) + decoder_const(model) + model.log_scale_sum()
+    torch.testing.assert_close(bound, ref, rtol=1e-8, atol=1e-8)
+
+
 TINY = DDPMConfig(
     n_steps=40, hidden_units=16, epochs=4, batch_size=64, lr=1e-2, patience=50, sampling_steps=8, ema_decay=0.9
 )

@@ -45,18 +45,20 @@ def decoder_const(model: DDPM) -> Tensor:
     return 0.5 * model.dim * torch.log(2 * math.pi * s.sigma2[1]) + model.dim * s.kl_const.sum()
 
 
-def weighted_mse(model: DDPM, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+def weighted_mse(model: DDPM, x0: Tensor, t: Tensor, noise: Tensor, step_biases: Tensor | None = None) -> Tensor:
     """``|mu~_t - mu_theta(x_t, t)|^2 / (2 sigma2_t)`` per point.
 
     Args:
-        x0: (B, D) standardised data; t: (B,) steps in ``1..L``; noise: (B, D) standard normal.
+        x0: (B, D) standardised data; t: (B,) steps in ``1..L``, or (1,) for one step shared
+            by all rows; noise: (B, D) standard normal; step_biases: the network's fast path
+            for a shared step (see :meth:`DDPM.predict`), inference only.
     Returns:
         (B,) the t-th ELBO term without constants.
     """
     s = model.schedule
     xt = s.add_noise(x0, noise, t)
     target, _ = s.posterior(x0, xt, t)
-    _, mean = model.predict(xt, t)
+    _, mean = model.predict(xt, t, step_biases)
     return (target - mean).pow(2).sum(1) / (2.0 * s.sigma2[t])
 
 
@@ -86,47 +88,51 @@ def nll_bound(
     x: Tensor,
     *,
     generator: torch.Generator,
-    chunk_rows: int = 1 << 18,
+    chunk_points: int = 16384,
     return_terms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The full negative ELBO (all L terms + prior + decoder), nats per point, data units.
 
-    Every point gets every step ``t = 1..L``, each with its own ``x_t ~ q(x_t | x_0)``; the
-    evaluation runs on flattened (point, step) rows in chunks of about ``chunk_rows`` rows,
-    so memory stays bounded and the network sees large batches.
+    Every point gets every step ``t = 1..L``, each with its own ``x_t ~ q(x_t | x_0)``. The
+    evaluation is step-major: for a chunk of up to ``chunk_points`` points, one network call
+    per step on the whole chunk, so the step's time projection is shared by all rows (the
+    network's fast path) and a bound costs about one sampling chain over the same points.
+    Memory is ``O(chunk_points)``. The noise is drawn step by step: ``(chunk, D)`` for
+    ``t = 1``, then ``t = 2``, ...
 
     Args:
         x: (N, D) held-out points in data units.
         generator: source of the ``x_t`` noise (on ``x``'s device).
-        chunk_rows: rows per network call (points per chunk = chunk_rows // L).
+        chunk_points: points per network call.
         return_terms: also return the mean of each step's term over the points, (L,)
             (index ``t - 1``; the decoder term at index 0 excludes its constant).
     Returns:
         (N,) bound per point, or ``(bound, terms)``.
     """
+    if chunk_points < 1:
+        raise ValueError(f"chunk_points must be >= 1, got {chunk_points}")
     was_training = model.training
     model.eval()
-    s = model.schedule
-    L = s.n_steps
+    L = model.n_steps
     x0_all = model.standardize(x)
-    per_chunk = max(1, chunk_rows // L)
-    steps = torch.arange(1, L + 1, device=x.device)
-    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    term_sum = torch.zeros(L, dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], per_chunk):
-        x0 = x0_all[start : start + per_chunk]
-        b = x0.shape[0]
-        # rows ordered (point, step): point-major so the per-point sum is a reshape + sum
-        x0r = x0.repeat_interleave(L, dim=0)
-        tr = steps.repeat(b)
-        noise = torch.randn(x0r.shape, generator=generator, device=x.device, dtype=x.dtype)
-        terms = weighted_mse(model, x0r, tr, noise).reshape(b, L)
-        # sum in float64: 2500 terms of very different sizes
-        out[start : start + b] = terms.to(torch.float64).sum(1).to(x.dtype)
-        if return_terms:
-            term_sum += terms.to(torch.float64).sum(0)
-    out = out + prior_kl(model, x0_all) + decoder_const(model) + model.log_scale_sum()
+    biases = model.step_biases()
+    # sums in float64: 2500 terms of very different sizes
+    out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    step_sums: list[Tensor] = []
+    for start in range(0, x.shape[0], chunk_points):
+        x0 = x0_all[start : start + chunk_points]
+        acc = out[start : start + x0.shape[0]]  # a view: accumulated in place
+        for t in range(1, L + 1):
+            tt = torch.full((1,), t, device=x.device, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator, device=x.device, dtype=x.dtype)
+            term = weighted_mse(model, x0, tt, noise, biases)
+            acc += term
+            if return_terms:
+                step_sums.append(term.sum(dtype=torch.float64))
+    bound = (out + prior_kl(model, x0_all) + decoder_const(model) + model.log_scale_sum()).to(x.dtype)
     model.train(was_training)
     if return_terms:
-        return out, (term_sum / x.shape[0]).to(x.dtype)
-    return out
+        # step_sums is chunk-major: (n_chunks, L) summed over the chunks
+        terms = torch.stack(step_sums).reshape(-1, L).sum(0) / x.shape[0]
+        return bound, terms.to(x.dtype)
+    return bound

@@ -30,11 +30,12 @@ def sample_ancestral(model: DDPM, n: int, *, generator: torch.Generator) -> Tens
     was_training = model.training
     model.eval()
     dev = model.shift.device
-    x = torch.randn(n, model.dim, generator=generator, device=dev)
+    x = torch.randn(n, model.dim, generator=generator, device=dev, dtype=model.shift.dtype)
+    biases = model.step_biases()  # every step's time projection folded into the biases, once
     for t in range(model.n_steps, 0, -1):
-        tt = torch.full((1,), t, device=dev, dtype=torch.long)  # (1,): embedded once, broadcast
-        _, mean = model.predict(x, tt)
-        noise = torch.randn(x.shape, generator=generator, device=dev) if t > 1 else torch.zeros_like(x)
+        tt = torch.full((1,), t, device=dev, dtype=torch.long)  # (1,): one step for all rows
+        _, mean = model.predict(x, tt, biases)
+        noise = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype) if t > 1 else torch.zeros_like(x)
         x = model.schedule.step(mean, tt, noise)
     model.train(was_training)
     return model.unstandardize(x)
@@ -68,11 +69,12 @@ def sample_strided(
     dev = model.shift.device
     s_ = model.schedule
     abar = s_.abar
-    x = torch.randn(n, model.dim, generator=generator, device=dev)
+    x = torch.randn(n, model.dim, generator=generator, device=dev, dtype=model.shift.dtype)
     taus = strided_steps(model.n_steps, sampling_steps)
+    biases = model.step_biases()
     for t, s in zip(taus[:-1], taus[1:], strict=True):
         tt = torch.full((1,), t, device=dev, dtype=torch.long)
-        x0_hat = model.predict_x0(x, tt)
+        x0_hat = model.predict_x0(x, tt, biases)
         if s == 0:
             x = x0_hat
             break
@@ -87,7 +89,7 @@ def sample_strided(
             # the noise follows the model's reverse variance: the strided beta^2 for ``beta2``
             # (at eta = 1 and S = L exactly the ancestral chain), the posterior one otherwise
             std = eta * beta2_ts.sqrt() if s_.reverse_variance == "beta2" else sigma
-            x = x + std.to(x.dtype) * torch.randn(x.shape, generator=generator, device=dev)
+            x = x + std.to(x.dtype) * torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
     model.train(was_training)
     return model.unstandardize(x)
 
