@@ -4,6 +4,7 @@ which stages one model's params change re-runs.
     python benchmarks/pipeline.py                 # the default params, in a temp copy of this checkout
     python benchmarks/pipeline.py --smoke         # the tiny CI params (params.smoke.yaml merged in)
     python benchmarks/pipeline.py --in-place      # run in this checkout (updates its outputs and dvc.lock)
+    python benchmarks/pipeline.py --smoke --twice # a second `dvc repro --force`: sha256 of every output of both runs
 
 Prints a table; `--json FILE` also writes the figures. Timings are wall-clock on whatever
 machine runs it (the budget of the project is stated for 2 CPU cores).
@@ -12,6 +13,7 @@ machine runs it (the budget of the project is stated for 2 CPU cores).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +66,18 @@ def _env() -> dict[str, str]:
     env.setdefault("GIT_COMMITTER_EMAIL", "bench@example.com")
     env["DVC_NO_ANALYTICS"] = "1"
     return env
+
+
+def output_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every pipeline output (checkpoints, prepared data, metrics, CSV series, figures),
+    except ``metrics/timing/``: wall-clock figures, kept apart because they never repeat."""
+    out = {}
+    for folder in ("models", "data/prepared", "metrics", "plots"):
+        for p in sorted((root / folder).rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and not rel.startswith("metrics/timing/"):
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
 def repro(root: Path, *args: str) -> tuple[float, dict[str, dict[str, float]], str]:
@@ -122,6 +136,7 @@ def main() -> None:
     ap.add_argument("--in-place", action="store_true", help="run in this checkout instead of a temp copy")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--change", default="ddpm.lr", help="a params key to perturb for the selective re-run check")
+    ap.add_argument("--twice", action="store_true", help="run `dvc repro --force` again and compare every output's sha256")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +144,10 @@ def main() -> None:
         if args.smoke:
             merge_smoke_params(root / "params.yaml", root / "params.smoke.yaml")
         total, stages, _ = repro(root, "--force")
+        hashes = [output_hashes(root)]
+        if args.twice:
+            repro(root, "--force")
+            hashes.append(output_hashes(root))
         noop_total, noop_stages, _ = repro(root)
         # selective re-run: perturb one key and ask DVC which stages it would run
         params_file = root / "params.yaml"
@@ -150,9 +169,17 @@ def main() -> None:
     print(f"{'  the rest':32s} {total - train:9.1f}")
     print(f"{'no-op dvc repro':32s} {noop_total:9.1f}   (stages run: {len(noop_stages)})")
     print(f"changing {args.change} would re-run: {', '.join(would_run) or 'nothing'}")
+    if args.twice:
+        first, second = hashes
+        print(f"\n{'output':52s} {'sha256 run 1':>16s} {'sha256 run 2':>16s}")
+        for name in sorted(first.keys() | second.keys()):
+            a, b = first.get(name, "-"), second.get(name, "-")
+            print(f"{name:52s} {a[:16]:>16s} {b[:16]:>16s}{'' if a == b else '  DIFFERS'}")
+        same = sum(first.get(k) == second.get(k) for k in first.keys() | second.keys())
+        print(f"{same} of {len(first.keys() | second.keys())} outputs byte-identical between the two runs")
     if args.json:
         args.json.write_text(
-            json.dumps({"stages": stages, "total_s": total, "training_s": train, "noop_s": noop_total, "change": args.change, "would_run": would_run}, indent=2)
+            json.dumps({"stages": stages, "total_s": total, "training_s": train, "noop_s": noop_total, "change": args.change, "would_run": would_run, "hashes": hashes}, indent=2)
         )
 
 

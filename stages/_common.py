@@ -115,6 +115,10 @@ def run_stage(cli: click.Command) -> NoReturn:
         code: int | str | None = 0
     except SystemExit as done:
         code = done.code
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        # cProfile, pyinstrument, coverage, a debugger: they write their results at the normal
+        # exit, so give them one.
+        raise SystemExit(code)
     if isinstance(code, str):  # sys.exit("message"): what Python prints, with status 1
         print(code, file=sys.stderr)
         code = 1

@@ -70,3 +70,21 @@ def test_run_stage_lets_a_bug_raise_with_its_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ValueError: a bug keeps its traceback" in proc.stderr
     assert (tmp_path / "atexit.txt").read_text() == "ran"
+
+
+def test_run_stage_exits_normally_under_a_profiler(tmp_path: Path) -> None:
+    """cProfile writes its stats at the normal exit: the fast exit must not skip that."""
+    script = tmp_path / "stage.py"
+    script.write_text(_SCRIPT.format(stages=str(REPO / "stages"), repo=str(REPO), out=str(tmp_path)))
+    stats = tmp_path / "stage.prof"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(stats), str(script), "fail"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    # (cProfile's runner swallows SystemExit, so the status is its own, not the stage's)
+    assert "error: bad input" in proc.stderr
+    assert stats.stat().st_size > 0
