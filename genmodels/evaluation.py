@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,13 @@ from genmodels.metrics.classifier import SmallCNN, extract_features
 from genmodels.metrics.config import EvaluateConfig
 from genmodels.metrics.frechet import frechet_from_features
 from genmodels.metrics.roc import auroc, roc_curve
-from genmodels.metrics.sample import energy_distance, mmd2, random_directions, sliced_wasserstein2
+from genmodels.metrics.sample import (
+    ReferenceSums,
+    mmd2_and_energy,
+    random_directions,
+    reference_sums,
+    sliced_wasserstein2,
+)
 from genmodels.training import make_generator
 
 SEED_OFFSETS = {
@@ -156,7 +162,7 @@ def _sample_block(
     samples: Tensor,
     points: Points,
     cfg: EvaluateConfig,
-    directions: Tensor,
+    ruler: _Ruler,
     device: torch.device,
 ) -> None:
     """mmd / energy_distance / swd (and ``sample_logp`` with an exact density) of ``samples`` vs test."""
@@ -169,22 +175,34 @@ def _sample_block(
         for k in ("mmd", "energy_distance", "swd", "sample_logp"):
             ev.metrics[f"{prefix}{k}{suffix}"] = float("nan")
         return
-    test = points.test.to(device)
-    ev.metrics[f"{prefix}mmd{suffix}"] = mmd2(s, test, cfg.mmd_bandwidths)
-    ev.metrics[f"{prefix}energy_distance{suffix}"] = energy_distance(s, test)
-    ev.metrics[f"{prefix}swd{suffix}"] = sliced_wasserstein2(s, test, directions=directions)
+    mmd, ed = mmd2_and_energy(s, ruler.test, cfg.mmd_bandwidths, ref=ruler.ref)
+    ev.metrics[f"{prefix}mmd{suffix}"] = mmd
+    ev.metrics[f"{prefix}energy_distance{suffix}"] = ed
+    ev.metrics[f"{prefix}swd{suffix}"] = sliced_wasserstein2(s, ruler.test, directions=ruler.directions)
     if points.distribution is not None:
         ev.metrics[f"{prefix}sample_logp{suffix}"] = float(points.distribution.log_prob(s.cpu()).double().mean())
 
 
-def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: torch.device) -> Tensor:
-    """Floors, reference values, sizes; returns the SWD directions shared by every sample set."""
+class _Ruler(NamedTuple):
+    """What every sample set of one evaluation is measured against: the test points (on the
+    metric device), their self pair sums (computed once, not once per sample set) and the
+    SWD directions (the same for every set, so floors and models share one ruler)."""
+
+    test: Tensor
+    ref: ReferenceSums
+    directions: Tensor
+
+
+def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: torch.device) -> _Ruler:
+    """Floors, reference values, sizes; returns the ruler shared by every sample set."""
     n = cfg.n_samples
     real, source = _real_draw(points, n, cfg)
     directions = random_directions(cfg.swd_projections, 2, make_generator(cfg.seed + SEED_OFFSETS["directions"]))
+    test = points.test.to(device, torch.float32)
+    ruler = _Ruler(test, reference_sums(test, cfg.mmd_bandwidths), directions)
     # The floor is the sample block of a real draw: mmd_floor, ..., and sample_logp_floor (the
     # mean true log-density of real points, = -H up to noise: the target of sample_logp).
-    _sample_block(ev, "", "_floor", real, points, cfg, directions, device)
+    _sample_block(ev, "", "_floor", real, points, cfg, ruler, device)
     ev.metrics.update(
         {
             "n_samples": n,
@@ -203,12 +221,10 @@ def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: 
         f"sample metrics: {n} generated points vs {points.test.shape[0]} test points; floors: {n} points "
         f"from the {source.replace('_', ' ')} vs the same test points"
     )
-    return directions
+    return ruler
 
 
-def _points_baselines(
-    ev: Evaluation, points: Points, cfg: EvaluateConfig, directions: Tensor, device: torch.device
-) -> None:
+def _points_baselines(ev: Evaluation, points: Points, cfg: EvaluateConfig, ruler: _Ruler, device: torch.device) -> None:
     """Gaussian and KDE fitted on the training points: test NLL, KL gap, sample metrics."""
     gauss = GaussianBaseline.fit(points.train, ridge=cfg.gaussian_ridge)
     kde, record = KDEBaseline.fit(
@@ -224,7 +240,7 @@ def _points_baselines(
         prefix = f"baseline_{name}_"
         _nll_block(ev, prefix, -model.log_prob(points.test), points, nll_key="test_nll", gap_key="kl_gap")
         samples = model.sample(cfg.n_samples, _gen(cfg, name))
-        _sample_block(ev, prefix, "", samples, points, cfg, directions, device)
+        _sample_block(ev, prefix, "", samples, points, cfg, ruler, device)
     ev.notes.append(
         f"baselines: full-covariance Gaussian (ridge {cfg.gaussian_ridge}) and KDE (bandwidth {kde.bandwidth:.4g} "
         f"chosen on {points.val.shape[0]} validation points from {len(record['bandwidths'])} candidates, "
@@ -243,11 +259,11 @@ def evaluate_realnvp2d(model: nn.Module, points: Points, cfg: EvaluateConfig, de
     from genmodels.flows.realnvp2d import nll, sample
 
     ev = Evaluation()
-    directions = _points_common(ev, points, cfg, device)
+    ruler = _points_common(ev, points, cfg, device)
     _nll_block(ev, "", nll(model, points.test.to(device)).cpu(), points, nll_key="test_nll", gap_key="kl_gap")
     samples = sample(model, cfg.n_samples, seed=cfg.seed + SEED_OFFSETS["samples"])
-    _sample_block(ev, "", "", samples, points, cfg, directions, device)
-    _points_baselines(ev, points, cfg, directions, device)
+    _sample_block(ev, "", "", samples, points, cfg, ruler, device)
+    _points_baselines(ev, points, cfg, ruler, device)
     return ev
 
 
@@ -276,7 +292,7 @@ def evaluate_ddpm(
     from genmodels.diffusion import nll_bound, sample_ancestral, sample_strided
 
     ev = Evaluation()
-    directions = _points_common(ev, points, cfg, device)
+    ruler = _points_common(ev, points, cfg, device)
     test = points.test
     if cfg.nll_bound_points and cfg.nll_bound_points < test.shape[0]:
         test = test[: cfg.nll_bound_points]  # the test split is already an i.i.d. draw: a prefix is a subsample
@@ -288,9 +304,9 @@ def evaluate_ddpm(
     ev.metrics["sampling_steps_full"] = n_steps
     ev.metrics["sampling_steps_strided"] = steps
     full = sample_ancestral(model, cfg.n_samples, generator=_gen(cfg, "samples", device))
-    _sample_block(ev, "", "", full, points, cfg, directions, device)
+    _sample_block(ev, "", "", full, points, cfg, ruler, device)
     strided = sample_strided(model, cfg.n_samples, sampling_steps=steps, generator=_gen(cfg, "strided", device))
-    _sample_block(ev, "", "_strided", strided, points, cfg, directions, device)
+    _sample_block(ev, "", "_strided", strided, points, cfg, ruler, device)
     # Timing on a separate, smaller draw so it measures the sampler, not the metric code.
     k = cfg.timing_points
     _, t_full = _timed(lambda: sample_ancestral(model, k, generator=_gen(cfg, "timing", device)), device)
@@ -300,7 +316,7 @@ def evaluate_ddpm(
     ev.metrics["sampling_seconds_per_1k"] = t_full * 1000.0 / k
     ev.metrics["sampling_seconds_per_1k_strided"] = t_str * 1000.0 / k
     ev.metrics["sampling_device"] = device.type
-    _points_baselines(ev, points, cfg, directions, device)
+    _points_baselines(ev, points, cfg, ruler, device)
     ev.notes.append(
         f"nll_bound: full negative ELBO over all {n_steps} steps on {test.shape[0]} test points; "
         f"strided sampler: {steps} steps; timing on {k} points on {device.type} (wall clock: not reproducible)"

@@ -18,7 +18,9 @@ from genmodels.metrics.sample import (
     DEFAULT_BANDWIDTHS,
     energy_distance,
     mmd2,
+    mmd2_and_energy,
     random_directions,
+    reference_sums,
     sample_metrics_with_floor,
     sliced_wasserstein2,
 )
@@ -111,6 +113,28 @@ def test_energy_distance_matches_brute_force() -> None:
     dxx = scipy.spatial.distance.cdist(x.numpy(), x.numpy()).sum() / (211 * 210)
     dyy = scipy.spatial.distance.cdist(y.numpy(), y.numpy()).sum() / (190 * 189)
     assert energy_distance(x, y, chunk=50) == pytest.approx(2 * dxy - dxx - dyy, rel=1e-5)
+
+
+@pytest.mark.parametrize("hs", [DEFAULT_BANDWIDTHS, (0.3, 0.7, 1.9)])
+def test_one_pass_mmd_and_energy_with_reused_reference_match_brute_force(hs: tuple[float, ...]) -> None:
+    """The evaluation's path: one pass over the pair blocks for both metrics, the test set's
+    self-sums computed once and reused for several sample sets."""
+    g = gen(5)
+    y = gauss(233, (0.0, 0.0), 1.0, g)
+    ref = reference_sums(y, hs, chunk=40)
+    for x in (gauss(300, (0.4, 0.0), 0.9, g), gauss(97, (0.0, -1.0), 1.5, g)):
+        mmd, ed = mmd2_and_energy(x, y, hs, ref=ref, chunk=64)
+        assert mmd == pytest.approx(brute_mmd2(x.numpy(), y.numpy(), hs), rel=1e-5, abs=1e-8)
+        n, m = x.shape[0], y.shape[0]
+        dxy = scipy.spatial.distance.cdist(x.numpy(), y.numpy()).mean()
+        dxx = scipy.spatial.distance.cdist(x.numpy(), x.numpy()).sum() / (n * (n - 1))
+        dyy = scipy.spatial.distance.cdist(y.numpy(), y.numpy()).sum() / (m * (m - 1))
+        assert ed == pytest.approx(2 * dxy - dxx - dyy, rel=1e-5)
+        assert (mmd, ed) == pytest.approx(mmd2_and_energy(x, y, hs), rel=1e-6)  # without a reference
+    with pytest.raises(ValueError, match="another reference set"):
+        mmd2_and_energy(y, y + 1.0, hs, ref=ref)
+    with pytest.raises(ValueError, match="another reference set"):
+        mmd2_and_energy(y, y, (1.0,), ref=ref)
 
 
 def mean_norm_gaussian(delta: float, std: float, dim: int) -> float:

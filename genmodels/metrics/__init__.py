@@ -12,8 +12,11 @@ from genmodels.metrics.frechet import frechet_distance, frechet_from_features, g
 from genmodels.metrics.roc import auroc, roc_curve
 from genmodels.metrics.sample import (
     DEFAULT_BANDWIDTHS,
+    ReferenceSums,
     energy_distance,
     mmd2,
+    mmd2_and_energy,
+    reference_sums,
     sample_metrics,
     sample_metrics_with_floor,
     sliced_wasserstein2,
@@ -21,12 +24,15 @@ from genmodels.metrics.sample import (
 
 __all__ = [
     "DEFAULT_BANDWIDTHS",
+    "ReferenceSums",
     "auroc",
     "energy_distance",
     "frechet_distance",
     "frechet_from_features",
     "gaussian_stats",
     "mmd2",
+    "mmd2_and_energy",
+    "reference_sums",
     "roc_curve",
     "sample_metrics",
     "sample_metrics_with_floor",

@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,9 +63,10 @@ def _default_chunk(x: Tensor) -> int:
 
 
 def _pair_sums(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
-    """``sum_{i,j} fn(|a_i - b_j|^2)`` over all pairs, block by block; a 0-dim float64 tensor.
+    """``sum_{i,j} fn(|a_i - b_j|^2)`` over all pairs, block by block; a float64 tensor.
 
-    ``fn`` maps a block of squared distances (which it may overwrite) to its float64 sum.
+    ``fn`` maps a block of squared distances (which it may overwrite) to its float64 sum
+    (0-dim, or a vector of several sums of the same block).
     When ``a is b`` only the upper block triangle is computed (the sum is symmetric).
     """
     symmetric = a is b
@@ -75,6 +77,95 @@ def _pair_sums(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor], chunk: int)
             s = fn(_sq_dists(ai, b[j : j + chunk]))
             total = total + (2.0 * s if symmetric and j != i else s)
     return total
+
+
+def _kernel_sum(bandwidths: Sequence[float]) -> Callable[[Tensor], Tensor]:
+    """``d2 -> sum over the block of the mean RBF kernel`` (float64); overwrites ``d2``."""
+    if not bandwidths or min(bandwidths) <= 0:
+        raise ValueError(f"mmd2 needs positive bandwidths, got {tuple(bandwidths)}")
+    hs = sorted((float(h) for h in bandwidths), reverse=True)
+
+    def kern(d2: Tensor) -> Tensor:
+        scaled = d2.mul_(-1.0 / (2.0 * hs[0] ** 2))  # -d^2 / (2 h_max^2), in place
+        k = torch.exp(scaled)
+        total = k.sum(dtype=torch.float64)
+        for prev, h in zip(hs, hs[1:]):
+            if prev == 2.0 * h:
+                # Halving h raises the kernel to the 4th power: two squarings instead of an exp.
+                k = k * k
+                k.mul_(k)
+            else:
+                k = torch.exp(scaled * (hs[0] / h) ** 2)
+            total = total + k.sum(dtype=torch.float64)
+        return total / len(hs)
+
+    return kern
+
+
+def _kernel_and_dist_sum(bandwidths: Sequence[float]) -> Callable[[Tensor], Tensor]:
+    """``d2 -> [kernel sum, distance sum]`` of one block (float64, shape (2,)): both metrics
+    from one computation of the block's distances."""
+    kern = _kernel_sum(bandwidths)
+
+    def both(d2: Tensor) -> Tensor:
+        dist = d2.sqrt().sum(dtype=torch.float64)  # before kern overwrites d2
+        return torch.stack([kern(d2), dist])
+
+    return both
+
+
+class ReferenceSums(NamedTuple):
+    """The off-diagonal pair sums of a reference set ``y`` with itself, computed once by
+    :func:`reference_sums` and reused by :func:`mmd2_and_energy` for every sample set that is
+    compared with the same ``y`` (an evaluation compares five sets with one test split)."""
+
+    y: Tensor  # (m, D) float32: the points these sums belong to
+    bandwidths: tuple[float, ...]
+    kernel: Tensor  # sum_{i != j} k(y_i, y_j), 0-dim float64
+    dist: Tensor  # sum_{i != j} |y_i - y_j|, 0-dim float64
+
+
+def reference_sums(
+    y: Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, *, chunk: int | None = None
+) -> ReferenceSums:
+    """:class:`ReferenceSums` of ``y`` (m, D), m >= 2."""
+    y = _as_points(y)
+    if y.shape[0] < 2:
+        raise ValueError("reference_sums needs at least two points")
+    sums = _pair_sums(y, y, _kernel_and_dist_sum(bandwidths), chunk or _default_chunk(y))
+    # k(y, y) = 1 and |y - y| = 0 on the diagonal: remove the m ones from the kernel sum.
+    return ReferenceSums(y, tuple(float(h) for h in bandwidths), sums[0] - y.shape[0], sums[1])
+
+
+def mmd2_and_energy(
+    x: Tensor,
+    y: Tensor,
+    bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+    *,
+    ref: ReferenceSums | None = None,
+    chunk: int | None = None,
+) -> tuple[float, float]:
+    """``(mmd2(x, y, bandwidths), energy_distance(x, y))`` from one pass over the pair blocks.
+
+    Each block's distances serve both metrics, and ``y``'s self-sums come from ``ref`` when
+    given (it must have been computed from the same ``y`` and bandwidths). Same estimators
+    as the two functions; equal to them up to float summation order.
+    """
+    x, y = _as_points(x), _as_points(y)
+    chunk = chunk or _default_chunk(x)
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError("mmd2_and_energy needs at least two points on each side")
+    both = _kernel_and_dist_sum(bandwidths)
+    if ref is None:
+        ref = reference_sums(y, bandwidths, chunk=chunk)
+    elif ref.bandwidths != tuple(float(h) for h in bandwidths) or not torch.equal(ref.y, y):
+        raise ValueError("ref holds the sums of another reference set or other bandwidths")
+    xx = _pair_sums(x, x, both, chunk)
+    xy = _pair_sums(x, y, both, chunk)
+    kxx, kyy, kxy = (xx[0] - n) / (n * (n - 1)), ref.kernel / (m * (m - 1)), xy[0] / (n * m)
+    exx, eyy, exy = xx[1] / (n * (n - 1)), ref.dist / (m * (m - 1)), xy[1] / (n * m)
+    return float(kxx + kyy - 2.0 * kxy), float(2.0 * exy - exx - eyy)
 
 
 def mmd2(
@@ -102,25 +193,7 @@ def mmd2(
     n, m = x.shape[0], y.shape[0]
     if n < 2 or m < 2:
         raise ValueError("mmd2 needs at least two points on each side")
-    if not bandwidths or min(bandwidths) <= 0:
-        raise ValueError(f"mmd2 needs positive bandwidths, got {tuple(bandwidths)}")
-    hs = sorted((float(h) for h in bandwidths), reverse=True)
-
-    def kern(d2: Tensor) -> Tensor:
-        """Sum over pairs of the mean kernel, float64."""
-        scaled = d2.mul_(-1.0 / (2.0 * hs[0] ** 2))  # -d^2 / (2 h_max^2), in place
-        k = torch.exp(scaled)
-        total = k.sum(dtype=torch.float64)
-        for prev, h in zip(hs, hs[1:]):
-            if prev == 2.0 * h:
-                # Halving h raises the kernel to the 4th power: two squarings instead of an exp.
-                k = k * k
-                k.mul_(k)
-            else:
-                k = torch.exp(scaled * (hs[0] / h) ** 2)
-            total = total + k.sum(dtype=torch.float64)
-        return total / len(hs)
-
+    kern = _kernel_sum(bandwidths)
     # k(x, x) = 1 exactly, so the diagonal contributes n (resp. m): subtract it.
     kxx = (_pair_sums(x, x, kern, chunk) - n) / (n * (n - 1))
     kyy = (_pair_sums(y, y, kern, chunk) - m) / (m * (m - 1))
@@ -219,9 +292,10 @@ def sample_metrics(
     ``mmd`` is the unbiased MMD^2 of :func:`mmd2`; ``swd`` is :func:`sliced_wasserstein2`
     with directions drawn from ``generator``.
     """
+    mmd, ed = mmd2_and_energy(samples, test, bandwidths)
     return {
-        "mmd": mmd2(samples, test, bandwidths),
-        "energy_distance": energy_distance(samples, test),
+        "mmd": mmd,
+        "energy_distance": ed,
         "swd": sliced_wasserstein2(samples, test, n_projections=n_projections, generator=generator),
     }
 
@@ -253,9 +327,9 @@ def sample_metrics_with_floor(
         raise ValueError(f"the floor needs a real draw of the same size ({real.shape[0]} vs {samples.shape[0]})")
     directions = random_directions(n_projections, samples.shape[1], torch.Generator().manual_seed(seed))
     out: dict[str, float] = {}
+    ref = reference_sums(test, bandwidths)  # the test set's self-sums serve both comparisons
     for suffix, pts in (("", samples), ("_floor", real)):
-        out["mmd" + suffix] = mmd2(pts, test, bandwidths)
-        out["energy_distance" + suffix] = energy_distance(pts, test)
+        out["mmd" + suffix], out["energy_distance" + suffix] = mmd2_and_energy(pts, test, bandwidths, ref=ref)
         out["swd" + suffix] = sliced_wasserstein2(pts, test, directions=directions)
     return out
 
