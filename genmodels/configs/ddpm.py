@@ -54,7 +54,7 @@ class DDPMConfig:
     batch_size: int = 4096
     patience: int = 50
     min_delta: float = 0.0
-    ema_decay: float = 0.0
+    ema_decay: float = 0.9995
     t_sampling: Literal["importance", "uniform"] = "importance"
     sampling_steps: int = 100
     sampling_eta: float = 1.0
