@@ -4,6 +4,7 @@ closed-form Gaussian densities, round trips and seeded sampling."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -14,11 +15,14 @@ from genmodels.flows.base import (
     Compose,
     Flow,
     ScalarReLUMLP,
+    SharedPiecesCompose,
     StandardNormal,
     Standardize,
     alternating_masks,
     checkerboard_mask_2d,
     mlp,
+    relu_mlp2_1d,
+    relu_mlp2_1d_pieces,
 )
 
 
@@ -198,3 +202,258 @@ def test_scalar_relu_mlp_equals_plain_mlp_values_and_gradients(n_hidden: int) ->
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     # Same layers and state-dict keys as mlp(), so checkpoints are interchangeable.
     assert net.state_dict().keys() == mlp(1, 2, 16, n_hidden).state_dict().keys()
+
+
+# --- the two-hidden-layer ScalarReLUMLP as one table of linear pieces --------------------------
+
+
+def _pieces_net(hidden: int, seed: int, dtype: torch.dtype = torch.float32) -> ScalarReLUMLP:
+    """A ScalarReLUMLP(2, hidden, 2) with trained-like random weights (N(0, 1/fan_in)) and, for
+    hidden >= 4, the special cases: first-layer units with w = 0 (one on, one off), a layer-2 unit
+    that is never on (zero weights, negative bias) and one that is always on (positive bias)."""
+    net = ScalarReLUMLP(2, hidden, 2).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (net[0], net[2], net[4]):
+            scale = layer.in_features**-0.5
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g, dtype=dtype) * scale)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=g, dtype=dtype) * 0.5)
+        if hidden >= 4:
+            net[0].weight[0, 0], net[0].bias[0] = 0.0, 0.8
+            net[0].weight[1, 0], net[0].bias[1] = 0.0, -0.3
+            net[2].weight[0].zero_()
+            net[2].bias[0] = -0.5
+            net[2].weight[1].zero_()
+            net[2].bias[1] = 0.7
+    return net
+
+
+def _params(net: ScalarReLUMLP) -> tuple[torch.Tensor, ...]:
+    """The net's weights stacked for relu_mlp2_1d_pieces (L = 1)."""
+    first, second, out = net[0], net[2], net[4]
+    return tuple(
+        p.unsqueeze(0) for p in (first.weight[:, 0], first.bias, second.weight, second.bias, out.weight, out.bias)
+    )
+
+
+def _test_points(net: ScalarReLUMLP, n: int, seed: int) -> torch.Tensor:
+    """Random points, points exactly on first-layer and fine kinks, and far outside all kinks."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = net[0].weight.dtype
+    w, b = net[0].weight[:, 0].detach(), net[0].bias.detach()
+    coarse = (-b / w)[w != 0]
+    (kinks,), _ = relu_mlp2_1d_pieces(*(p.detach() for p in _params(net)))
+    fine = kinks[(kinks.abs() < 1e30)][::3]
+    far = torch.tensor([-1e3, -50.0, 50.0, 1e3], dtype=dtype)
+    return torch.cat([torch.randn(n, generator=g, dtype=dtype) * 3, coarse, fine, far]).unsqueeze(1)
+
+
+def _forward_scale(net: ScalarReLUMLP, x: torch.Tensor) -> torch.Tensor:
+    """Per point (B, O), in float64: the sum of the magnitudes of every term the output is built
+    from (all units, on or off), the scale any float evaluation of the net is rounded against."""
+    w, b, w2, b2, w3, b3 = (
+        p.detach().double()
+        for p in (net[0].weight[:, 0], net[0].bias, net[2].weight, net[2].bias, net[4].weight, net[4].bias)
+    )
+    h1 = x.double().abs() * w.abs() + b.abs()  # (B, H)
+    return (h1 @ w2.abs().T + b2.abs()) @ w3.abs().T + b3.abs()
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "fixed"])
+@pytest.mark.parametrize("hidden", [1, 3, 128])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_piece_table_equals_plain_mlp_in_float32(hidden: int, seed: int, compact: bool) -> None:
+    net = _pieces_net(hidden, seed)
+    x = _test_points(net, 500, seed + 100)
+    (kinks,), (table,) = relu_mlp2_1d_pieces(*_params(net), compact=compact)
+    fast = relu_mlp2_1d(x, kinks, table)
+    with torch.no_grad():
+        exact = nn.Sequential.forward(net.double(), x.double())
+        net.float()
+        plain = nn.Sequential.forward(net, x)
+    # Worst-case rounding of a float32 evaluation: ~(H + H2) roundings of the term magnitudes.
+    # The plain layer-by-layer forward must meet the same bound (checks the bound itself).
+    bound = (2 * hidden + 8) * torch.finfo(torch.float32).eps * _forward_scale(net, x)
+    assert (exact.abs() > 1e-2).any(), "the net must not be trivially zero"
+    assert ((plain.double() - exact).abs() <= bound).all()
+    assert ((fast.double() - exact).abs() <= bound).all()
+    assert fast.dtype == torch.float32 and fast.shape == (x.shape[0], 2)
+    # The kinks are sorted, and the nets default (compact on CPU) builds the same function.
+    assert (kinks[1:] >= kinks[:-1]).all()
+    torch.testing.assert_close(net(x), fast, rtol=1e-6, atol=1e-6)
+
+
+def _away_from_kinks(net: ScalarReLUMLP, x: torch.Tensor, gap: float) -> torch.Tensor:
+    """The points of x (B, 1) farther than gap from every kink (first layer and second layer)."""
+    (kinks,), _ = relu_mlp2_1d_pieces(*(p.detach() for p in _params(net)))
+    kinks = kinks[kinks.abs() < 1e30]
+    keep = (x - kinks).abs().min(dim=1).values > gap
+    return x[keep]
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "fixed"])
+@pytest.mark.parametrize("hidden", [1, 3, 128])
+def test_piece_table_gradients_equal_plain_mlp(hidden: int, compact: bool) -> None:
+    """Away from the kinks the table's gradients (every weight and x) are the plain MLP's."""
+    net = _pieces_net(hidden, seed=7, dtype=torch.float64)
+    x = _away_from_kinks(net, _test_points(net, 400, 8)[:400], gap=1e-6)
+    assert x.shape[0] > 350
+    x = x.clone().requires_grad_(True)
+    coef = torch.randn(x.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (kinks,), (table,) = relu_mlp2_1d_pieces(*_params(net), compact=compact)
+    params = [x, *net.parameters()]
+    g_fast = torch.autograd.grad((relu_mlp2_1d(x, kinks, table) * coef).sum(), params)
+    g_plain = torch.autograd.grad((nn.Sequential.forward(net, x) * coef).sum(), params)
+    for a, b in zip(g_fast, g_plain, strict=True):
+        assert a.abs().max() > 0 or b.abs().max() == 0
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max().clamp_min(1)))
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "fixed"])
+def test_piece_table_gradcheck(compact: bool) -> None:
+    """Finite differences of the float64 tables w.r.t. every weight of two stacked nets."""
+    nets = [_pieces_net(5, seed=s, dtype=torch.float64) for s in (11, 12)]
+    x = torch.cat(
+        [_away_from_kinks(n, torch.linspace(-4, 4, 41, dtype=torch.float64).unsqueeze(1), 1e-3) for n in nets]
+    )
+    leaves = [p.detach().clone().requires_grad_(True) for n in nets for p in _params(n)]
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        stacked = [torch.cat(group) for group in zip(ps[:6], ps[6:], strict=True)]
+        kinks, tables = relu_mlp2_1d_pieces(*stacked, compact=compact)
+        return torch.cat([relu_mlp2_1d(x, k, t) for k, t in zip(kinks, tables, strict=True)])
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def _tie_net() -> ScalarReLUMLP:
+    """Exact ties (small integers, so float64 is exact): first-layer kinks at 0, 1, 2 and
+    second-layer units that are exactly 0 at a first-layer kink, rising (A at 0, C at 2) or
+    falling (B at 0), and identically zero on whole segments (B left of 0, C on (1, 2))."""
+    net = ScalarReLUMLP(2, 3, 2).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [1.0], [-1.0]]))
+        net[0].bias.copy_(torch.tensor([0.0, -1.0, 2.0]))
+        net[2].weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]))
+        net[2].bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
+        net[4].weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]]))
+        net[4].bias.copy_(torch.tensor([0.25, -0.5]))
+    return net
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "fixed"])
+def test_piece_table_exact_ties(compact: bool) -> None:
+    net = _tie_net()
+    x = torch.cat([torch.linspace(-3, 4, 141, dtype=torch.float64), torch.tensor([0.0, 1.0, 2.0, -0.0])]).unsqueeze(1)
+    (kinks,), (table,) = relu_mlp2_1d_pieces(*_params(net), compact=compact)
+    plain = nn.Sequential.forward(net, x)
+    assert plain[:, 0].max() - plain[:, 0].min() > 1  # the ties matter for the output
+    torch.testing.assert_close(relu_mlp2_1d(x, kinks, table), plain, rtol=0, atol=1e-12)
+    # Between the kinks (here 0, 1, 2 only) the slopes are the plain MLP's derivatives.
+    xs = torch.tensor([[-1.5], [0.5], [1.5], [2.5]], dtype=torch.float64, requires_grad=True)
+    g_fast = torch.autograd.grad(relu_mlp2_1d(xs, kinks, table).sum(), [xs, *net.parameters()])
+    g_plain = torch.autograd.grad(nn.Sequential.forward(net, xs).sum(), [xs, *net.parameters()])
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_piece_table_batch_sizes_and_layouts() -> None:
+    net = _pieces_net(16, seed=3)
+    assert net(torch.empty(0, 1)).shape == (0, 2)
+    x1 = torch.tensor([[0.37]])
+    torch.testing.assert_close(net(x1), nn.Sequential.forward(net, x1), rtol=1e-6, atol=1e-6)
+    # Both layouts describe the same function; the fixed one has (H+1)(H2+1) pieces.
+    (k_c,), (t_c,) = relu_mlp2_1d_pieces(*_params(net), compact=True)
+    (k_f,), (t_f,) = relu_mlp2_1d_pieces(*_params(net), compact=False)
+    assert t_f.shape == (17 * 17, 4) and t_c.shape[0] < t_f.shape[0]
+    x = _test_points(net, 200, 4)
+    torch.testing.assert_close(relu_mlp2_1d(x, k_c, t_c), relu_mlp2_1d(x, k_f, t_f), rtol=1e-6, atol=1e-6)
+
+
+def test_shared_pieces_match_each_nets_own_and_are_released() -> None:
+    nets = [_pieces_net(32, seed=s) for s in range(3)] + [_pieces_net(8, seed=5), ScalarReLUMLP(2, 8, 3)]
+    x = torch.randn(100, 1, generator=torch.Generator().manual_seed(6)) * 2
+    own = [n(x) for n in nets]
+    with ScalarReLUMLP.shared_pieces(nets):
+        assert all(n._pieces is not None for n in nets[:4]) and nets[4]._pieces is None
+        shared = [n(x) for n in nets]
+    for a, b in zip(shared, own, strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(n._pieces is None for n in nets)
+    # Released on errors too, so a stale table can never outlive its call.
+    with pytest.raises(RuntimeError, match="boom"), ScalarReLUMLP.shared_pieces(nets):
+        raise RuntimeError("boom")
+    assert all(n._pieces is None for n in nets)
+    # Tables built inside the block are from the weights at entry: a later update is seen after it.
+    with torch.no_grad():
+        nets[0][4].bias.add_(1.0)
+    torch.testing.assert_close(nets[0](x), own[0] + torch.tensor([1.0, 1.0]))
+
+
+def _scalar_coupling_stack(seed: int, dtype: torch.dtype = torch.float64) -> list[AffineCoupling]:
+    layers = []
+    for i, m in enumerate(alternating_masks(2, 4)):
+        net = _pieces_net(12, seed=seed + i, dtype=dtype)
+        layers.append(AffineCoupling(m, net=net, scale_bound=2.0).to(dtype))
+    return layers
+
+
+def test_shared_pieces_compose_equals_compose() -> None:
+    layers = _scalar_coupling_stack(seed=40)
+    shared, plain = SharedPiecesCompose(layers), Compose(layers)
+    assert shared.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(41)) * 2
+    z, ld = shared(x)
+    z_ref, ld_ref = plain(x)
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld, ld_ref, rtol=1e-12, atol=1e-12)
+    assert (ld.abs() > 1e-3).all()
+    torch.testing.assert_close(ld[:5], _jacobian_logdet(shared, x[:5]), rtol=1e-9, atol=1e-9)
+    x_back, ld_inv = shared.inverse(z)
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld_inv, -ld, rtol=1e-10, atol=1e-10)
+
+
+def test_piece_tables_are_deterministic_under_deterministic_algorithms() -> None:
+    """Same inputs on CPU: bitwise identical outputs and gradients, nothing raises or warns."""
+    layers = _scalar_coupling_stack(seed=50, dtype=torch.float32)
+    flow = Flow(SharedPiecesCompose(layers), StandardNormal((2,)))
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(51)) * 2
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            runs = []
+            for _ in range(2):
+                flow.zero_grad(set_to_none=True)
+                lp = flow.log_prob(x)
+                lp.mean().backward()
+                (kinks,), (table,) = relu_mlp2_1d_pieces(*(p.detach() for p in _params(layers[0].net)), compact=False)
+                runs.append([lp.detach(), table, *(p.grad.clone() for p in flow.parameters())])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mask", MASKS[:2] + [alternating_masks(6, 2)[1]], ids=["ct", "tc", "ttt|ccc"])
+def test_block_masks_split_by_view_like_by_index(mask: torch.Tensor) -> None:
+    """One block of each kind uses views and a cat: bitwise the index path's values and gradients."""
+    fast = _coupling(mask, seed=60)
+    assert fast._cond_first is not None
+    slow = _coupling(mask, seed=60)
+    slow._cond_first = None
+    x = torch.randn(8, mask.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(61))
+    results = []
+    for layer in (fast, slow):
+        xi = x.clone().requires_grad_(True)
+        z, ld = layer(xi)
+        xb, ld_inv = layer.inverse(z)
+        grads = torch.autograd.grad(
+            (z.sin().sum() + ld.sum() + xb.cos().sum() + ld_inv.sum()), [xi, *layer.parameters()]
+        )
+        results.append([z, ld, xb, ld_inv, *grads])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert _coupling(MASKS[2], seed=60)._cond_first is None  # c t t c t: by index

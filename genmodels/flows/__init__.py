@@ -7,6 +7,7 @@ from genmodels.flows.base import (
     Coupling,
     Flow,
     ScalarReLUMLP,
+    SharedPiecesCompose,
     StandardNormal,
     Standardize,
     Transform,
@@ -14,6 +15,8 @@ from genmodels.flows.base import (
     checkerboard_mask_2d,
     mlp,
     relu_linear_1d,
+    relu_mlp2_1d,
+    relu_mlp2_1d_pieces,
 )
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "Coupling",
     "Flow",
     "ScalarReLUMLP",
+    "SharedPiecesCompose",
     "StandardNormal",
     "Standardize",
     "Transform",
@@ -29,4 +33,6 @@ __all__ = [
     "checkerboard_mask_2d",
     "mlp",
     "relu_linear_1d",
+    "relu_mlp2_1d",
+    "relu_mlp2_1d_pieces",
 ]
