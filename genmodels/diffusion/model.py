@@ -85,9 +85,10 @@ class DenoiserMLP(nn.Module):
     def time_features(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """Per-layer time projections (B, hidden * n_hidden) of steps ``t`` (B,).
 
-        A batch with more rows than there are steps (the full ELBO) computes the table for
-        all ``L + 1`` steps once and gathers from it, instead of embedding every row; a
-        single step (the samplers) is embedded once and broadcast by the caller.
+        A batch with more rows than there are steps (a training batch of 4096 points with
+        L = 2500) computes the table for all ``L + 1`` steps once and gathers from it, instead
+        of projecting every row; a single step is projected once and broadcast by the caller
+        (the samplers and the full bound fold it into the biases instead: :meth:`step_biases`).
         """
         if t.shape[0] > self.n_steps + 1:
             return self.time_proj(self.time_mlp(self.step_features.to(dtype)))[t]
