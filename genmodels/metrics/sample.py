@@ -62,6 +62,14 @@ def _default_chunk(x: Tensor) -> int:
     return 4096 if x.device.type == "cuda" else 256
 
 
+def _two_sets(x: Tensor, y: Tensor, chunk: int | None, name: str) -> tuple[Tensor, Tensor, int]:
+    """``x`` (n, D) and ``y`` (m, D) as float32 points and the block size; ``name`` needs n, m >= 2."""
+    x, y = _as_points(x), _as_points(y)
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"{name} needs at least two points on each side")
+    return x, y, chunk or _default_chunk(x)
+
+
 def _pair_sums(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
     """``sum_{i,j} fn(|a_i - b_j|^2)`` over all pairs, block by block; a float64 tensor.
 
@@ -151,11 +159,8 @@ def mmd2_and_energy(
     given (it must have been computed from the same ``y`` and bandwidths). Same estimators
     as the two functions; equal to them up to float summation order.
     """
-    x, y = _as_points(x), _as_points(y)
-    chunk = chunk or _default_chunk(x)
+    x, y, chunk = _two_sets(x, y, chunk, "mmd2_and_energy")
     n, m = x.shape[0], y.shape[0]
-    if n < 2 or m < 2:
-        raise ValueError("mmd2_and_energy needs at least two points on each side")
     both = _kernel_and_dist_sum(bandwidths)
     if ref is None:
         ref = reference_sums(y, bandwidths, chunk=chunk)
@@ -188,11 +193,8 @@ def mmd2(
         chunk: block size of the pairwise computation (default: 256 on the CPU, where small
             blocks stay in cache, 4096 on a GPU, where large blocks amortise kernel launches).
     """
-    x, y = _as_points(x), _as_points(y)
-    chunk = chunk or _default_chunk(x)
+    x, y, chunk = _two_sets(x, y, chunk, "mmd2")
     n, m = x.shape[0], y.shape[0]
-    if n < 2 or m < 2:
-        raise ValueError("mmd2 needs at least two points on each side")
     kern = _kernel_sum(bandwidths)
     # k(x, x) = 1 exactly, so the diagonal contributes n (resp. m): subtract it.
     kxx = (_pair_sums(x, x, kern, chunk) - n) / (n * (n - 1))
@@ -210,15 +212,11 @@ def energy_distance(x: Tensor, y: Tensor, *, chunk: int | None = None) -> float:
         x: (n, D), y: (m, D), n, m >= 2.
         chunk: block size, as in :func:`mmd2`.
     """
-    x, y = _as_points(x), _as_points(y)
-    chunk = chunk or _default_chunk(x)
+    x, y, chunk = _two_sets(x, y, chunk, "energy_distance")
     n, m = x.shape[0], y.shape[0]
 
     def dist(d2: Tensor) -> Tensor:
         return d2.sqrt_().sum(dtype=torch.float64)
-
-    if n < 2 or m < 2:
-        raise ValueError("energy_distance needs at least two points on each side")
 
     # Diagonal distances are exactly 0, so the full sums equal the off-diagonal sums.
     exx = _pair_sums(x, x, dist, chunk) / (n * (n - 1))
