@@ -5,6 +5,7 @@ which stages one model's params change re-runs.
     python benchmarks/pipeline.py --smoke         # the tiny CI params (params.smoke.yaml merged in)
     python benchmarks/pipeline.py --in-place      # run in this checkout (updates its outputs and dvc.lock)
     python benchmarks/pipeline.py --smoke --twice # a second `dvc repro --force`: sha256 of every output of both runs
+    python benchmarks/pipeline.py --log run.log   # also keep DVC's and the stages' full output
 
 Prints a table; `--json FILE` also writes the figures. Timings are wall-clock on whatever
 machine runs it (the budget of the project is stated for 2 CPU cores).
@@ -80,8 +81,12 @@ def output_hashes(root: Path) -> dict[str, str]:
     return out
 
 
-def repro(root: Path, *args: str) -> tuple[float, dict[str, dict[str, float]], str]:
-    """Run `dvc repro <args>`; returns total seconds, {stage: {seconds, peak_rss_mib}}, output."""
+def repro(root: Path, *args: str, log: Path | None = None) -> tuple[float, dict[str, dict[str, float]], str]:
+    """Run `dvc repro <args>`; returns total seconds, {stage: {seconds, peak_rss_mib}}, output.
+
+    With ``log``, every line of DVC's and the stages' output is appended there as it comes (the
+    stages' warnings, e.g. PyTorch's notes on CUDA ops without a deterministic kernel, are
+    otherwise only shown when the run fails)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", *args], cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -108,8 +113,14 @@ def repro(root: Path, *args: str) -> tuple[float, dict[str, dict[str, float]], s
     sampler.start()
     lines = []
     assert proc.stdout is not None
+    sink = log.open("a") if log is not None else None
+    if sink is not None:
+        sink.write(f"$ dvc repro {' '.join(args)}\n")
     for line in proc.stdout:
         lines.append(line)
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
         now = time.perf_counter()
         if line.startswith("Running stage '") or line.startswith("Stage '") or "Updating lock file" in line:
             if current[0] is not None and current[0] in started:
@@ -121,6 +132,8 @@ def repro(root: Path, *args: str) -> tuple[float, dict[str, dict[str, float]], s
             else:
                 current[0] = None
     proc.wait()
+    if sink is not None:
+        sink.close()
     total = time.perf_counter() - t0
     stop.set()
     sampler.join()
@@ -137,18 +150,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--change", default="ddpm.lr", help="a params key to perturb for the selective re-run check")
     ap.add_argument("--twice", action="store_true", help="run `dvc repro --force` again and compare every output's sha256")
+    ap.add_argument("--log", type=Path, help="append the full output of every dvc repro (stages' stderr included) here")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = REPO if args.in_place else make_copy(Path(tmp) / "project")
         if args.smoke:
             merge_smoke_params(root / "params.yaml", root / "params.smoke.yaml")
-        total, stages, _ = repro(root, "--force")
+        total, stages, _ = repro(root, "--force", log=args.log)
         hashes = [output_hashes(root)]
         if args.twice:
-            repro(root, "--force")
+            repro(root, "--force", log=args.log)
             hashes.append(output_hashes(root))
-        noop_total, noop_stages, _ = repro(root)
+        noop_total, noop_stages, _ = repro(root, log=args.log)
         # selective re-run: perturb one key and ask DVC which stages it would run
         params_file = root / "params.yaml"
         original = params_file.read_text()
