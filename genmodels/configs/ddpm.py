@@ -47,7 +47,7 @@ class DDPMConfig:
     reverse_variance: Literal["beta2", "posterior"] = "beta2"
     time_embed_dim: int = 32
     hidden_units: int = 64
-    n_hidden: int = 3
+    n_hidden: int = 5
     lr: float = 1e-3
     lr_decay: float = 0.999
     epochs: int = 1000
