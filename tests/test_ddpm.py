@@ -92,7 +92,7 @@ def test_forward_at_shared_step_equals_forward(dtype: torch.dtype) -> None:
     net = _random_ddpm(50, "mean", 0).net.to(dtype)
     x = torch.randn(300, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
     biases = net.step_biases(dtype)
-    assert biases.shape == (51, 3, 16)
+    assert biases.shape == (51, net.n_hidden, 16)  # (L + 1, hidden layers, width)
     tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     for t in (1, 17, 50):
         tt = torch.tensor([t])
