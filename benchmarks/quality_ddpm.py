@@ -39,7 +39,7 @@ SETS = ("two_moons", "eight_gaussians", "pinwheel", "two_spirals", "rings", "che
 N_SAMPLES = 16384
 
 
-def _parse_overrides(items: list[str]) -> dict[str, object]:
+def parse_overrides(items: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
     for item in items:
         k, _, v = item.partition("=")
@@ -100,7 +100,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    raw = {**config_dict(DDPMConfig()), **_parse_overrides(args.overrides)}
+    raw = {**config_dict(DDPMConfig()), **parse_overrides(args.overrides)}
     if args.epochs is not None:
         raw["epochs"] = args.epochs
     base = from_mapping(DDPMConfig, raw, "ddpm")

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/quality_realnvp2d.py                      # all six sets, seed defaults
     python benchmarks/quality_realnvp2d.py --sets two_moons --epochs 50   # a shorter probe
+    python benchmarks/quality_realnvp2d.py --sets rings -s ema_decay=0.999 # any realnvp2d key
 
 For each set it draws the default splits (``data.points2d``: 65,536 / 8,192 / 16,384 points,
 seed 0), trains ``realnvp2d`` with its defaults (early stopping on the validation NLL), and
@@ -15,16 +16,22 @@ training wall time. The goals come from issue 4: gap <= 0.03 nats, 0.10 on check
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from genmodels.configs.data import POINTS2D_NAMES, Points2DConfig
-from genmodels.configs.realnvp2d import RealNVP2DConfig
-from genmodels.data.points2d import get_distribution, make_splits
-from genmodels.flows.realnvp2d import mean_nll, train_realnvp2d
-from genmodels.training import resolve_device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quality_ddpm import parse_overrides  # noqa: E402  (same folder)
+
+from genmodels.configs.base import from_mapping, to_dict  # noqa: E402
+from genmodels.configs.data import POINTS2D_NAMES, Points2DConfig  # noqa: E402
+from genmodels.configs.realnvp2d import RealNVP2DConfig  # noqa: E402
+from genmodels.data.points2d import get_distribution, make_splits  # noqa: E402
+from genmodels.flows.realnvp2d import mean_nll, train_realnvp2d  # noqa: E402
+from genmodels.training import resolve_device  # noqa: E402
 
 GOALS = {name: (0.10 if name == "checkerboard" else 0.03) for name in POINTS2D_NAMES}
 
@@ -34,13 +41,18 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=list(POINTS2D_NAMES), choices=POINTS2D_NAMES)
     ap.add_argument("--epochs", type=int, default=None, help="override the maximum epochs (default: params default)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("-s", "--set", dest="overrides", action="append", default=[], help="realnvp2d key=value")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     data_cfg = Points2DConfig()
-    cfg = RealNVP2DConfig()
+    raw = {**to_dict(RealNVP2DConfig()), **parse_overrides(args.overrides)}
     if args.epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=args.epochs)
+        raw["epochs"] = args.epochs
+    cfg = from_mapping(RealNVP2DConfig, raw, "realnvp2d")
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} config={cfg}")
     header = f"{'set':<16}{'test_nll':>10}{'H':>10}{'H_se':>8}{'kl_gap':>9}{'nll_se':>8}{'goal':>6}{'ok':>4}"
     header += f"{'epochs':>8}{'best':>6}{'train_s':>9}"
