@@ -88,9 +88,12 @@ def _random_ddpm(n_steps: int, parameterization: str, seed: int):  # noqa: ANN20
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_forward_at_shared_step_equals_forward(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_forward_at_shared_step_equals_forward(dtype: torch.dtype, blocks: int) -> None:
+    """``blocks``: whole CPU blocks of rows before a ragged last one (0: one block, no split)."""
     net = _random_ddpm(50, "mean", 0).net.to(dtype)
-    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    n = blocks * net.CPU_BLOCK_ROWS + 300
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=dtype)
     biases = net.step_biases(dtype)
     assert biases.shape == (51, net.n_hidden, 16)  # (L + 1, hidden layers, width)
     tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}

