@@ -69,7 +69,7 @@ class DenoiserMLP(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, time_embed_dim), nn.SiLU())
         self.inp = nn.Linear(dim, hidden)
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_hidden - 1))
-        # one projection of the embedding for every hidden layer, computed in one matmul
+        # one projection of the embedding for every hidden layer (row block i: layer i)
         self.time_proj = nn.Linear(time_embed_dim, hidden * n_hidden)
         self.out = nn.Linear(hidden, dim)
         self.act = nn.SiLU()
@@ -85,24 +85,38 @@ class DenoiserMLP(nn.Module):
             "step_features", sinusoidal_embedding(torch.arange(n_steps + 1), time_embed_dim), persistent=False
         )
 
-    def time_features(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        """Per-layer time projections (B, hidden * n_hidden) of steps ``t`` (B,).
+    def _layer_shifts(self, emb: Tensor) -> list[Tensor]:
+        """Each hidden layer's bias plus its projection of the time embedding ``emb`` (N, E):
+        ``n_hidden`` tensors (N, hidden).
 
-        A batch with more rows than there are steps (a training batch of 4096 points with
-        L = 2500) computes the table for all ``L + 1`` steps once and gathers from it, instead
-        of projecting every row; a single step is projected once and broadcast by the caller
-        (the samplers and the full bound fold it into the biases instead: :meth:`step_biases`).
+        ``time_proj`` is one linear map to ``hidden * n_hidden``; its row blocks are applied
+        one layer at a time so that each layer gets a contiguous (N, hidden) tensor (no chunk
+        of a (N, hidden * n_hidden) one, whose backward is a cat of the same size), with the
+        layer's own bias folded in (one ``addmm`` per layer in :meth:`forward`, no extra add).
         """
-        if t.shape[0] > self.n_steps + 1:
-            return self.time_proj(self.time_mlp(self.step_features.to(dtype)))[t]
-        return self.time_proj(self.time_mlp(self.step_features[t].to(dtype)))
+        h, w, b = self.hidden_units, self.time_proj.weight, self.time_proj.bias
+        layers = [self.inp, *self.hidden]
+        return [
+            F.linear(emb, w[i * h : (i + 1) * h], b[i * h : (i + 1) * h] + layer.bias)
+            for i, layer in enumerate(layers)
+        ]
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x (B, D), t (B,) or (1,) int64 -> (B, D)."""
-        proj = self.time_features(t, x.dtype).chunk(self.n_hidden, dim=1)
-        h = self.act(self.inp(x) + proj[0])
-        for layer, p in zip(self.hidden, proj[1:], strict=True):
-            h = self.act(layer(h) + p)
+        """x (B, D), t (B,) or (1,) int64 -> (B, D).
+
+        A batch with more rows than there are steps (a training batch of 4096 points with
+        L = 2500) projects the embedding of all ``L + 1`` steps once and gathers rows from
+        the table (``index_select``: its backward is an ``index_add``), instead of projecting
+        every row; a single step (1,) is projected once and broadcast.
+        """
+        table = t.shape[0] > self.n_steps + 1
+        feats = self.step_features if table else self.step_features[t]
+        shifts = self._layer_shifts(self.time_mlp(feats.to(x.dtype)))
+        h = x
+        for layer, shift in zip([self.inp, *self.hidden], shifts, strict=True):
+            if table:
+                shift = shift.index_select(0, t)
+            h = self.act(torch.addmm(shift, h, layer.weight.t()))
         return self.out(h)
 
     @torch.no_grad()
@@ -112,10 +126,7 @@ class DenoiserMLP(nn.Module):
         Computed once per sampling chain or bound evaluation; :meth:`forward_at` then runs the
         network for rows that share one step without any time-embedding work.
         """
-        layers = [self.inp, *self.hidden]
-        proj = self.time_proj(self.time_mlp(self.step_features.to(dtype)))
-        bias = torch.cat([layer.bias for layer in layers]).to(dtype)
-        return (proj + bias).reshape(-1, self.n_hidden, self.hidden_units)
+        return torch.stack(self._layer_shifts(self.time_mlp(self.step_features.to(dtype))), dim=1)
 
     def forward_at(self, x: Tensor, biases: Tensor) -> Tensor:
         """``net(x, t)`` for rows that all share one step ``t``: x (B, D), ``biases = step_biases()[t]``
