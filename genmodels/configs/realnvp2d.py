@@ -20,6 +20,8 @@ class RealNVP2DConfig:
         epochs: maximum number of epochs (seed: 500); early stopping usually ends sooner.
         batch_size: points per step (seed: 2048).
         patience, min_delta: early stopping on the validation NLL.
+        grad_clip: largest global gradient norm of a step (larger ones are scaled down to it,
+            ``torch.nn.utils.clip_grad_norm_``); 0 = no clipping.
         ema_decay: exponential moving average of the weights, updated after every optimiser
             step, used for validation, early stopping and the final model (0 = off).
         seed: seed of initialisation and shuffling (seed: 42).
@@ -36,6 +38,7 @@ class RealNVP2DConfig:
     batch_size: int = 2048
     patience: int = 30
     min_delta: float = 1e-4
+    grad_clip: float = 0.0
     ema_decay: float = 0.0
     seed: int = 42
 
@@ -52,7 +55,7 @@ class RealNVP2DConfig:
             "batch_size",
             "patience",
         )
-        non_negative(prefix, self, "min_delta")
+        non_negative(prefix, self, "min_delta", "grad_clip")
         in_open_unit(prefix, self, "lr_decay")
         check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", self.ema_decay, "a number in [0, 1) (0 = no EMA)")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")
