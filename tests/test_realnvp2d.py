@@ -112,9 +112,11 @@ class _Kill(Exception):
     pass
 
 
-def test_resume_after_interruption_is_byte_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "grad_clip": 2.0}])
+def test_resume_after_interruption_is_byte_identical(tmp_path: Path, extra: dict[str, float]) -> None:
+    cfg = TINY.__class__(**{**to_dict(TINY), **extra})
     train, val = _gaussian_data(1024, 1), _gaussian_data(256, 2)
-    full = train_realnvp2d(TINY, train, val, resume_path=tmp_path / "a.pt")
+    full = train_realnvp2d(cfg, train, val, resume_path=tmp_path / "a.pt")
 
     def kill_at_2(epoch: int, _m: object) -> None:
         if epoch == 2:
@@ -122,18 +124,48 @@ def test_resume_after_interruption_is_byte_identical(tmp_path: Path) -> None:
 
     resume = tmp_path / "b.pt"
     with pytest.raises(_Kill):
-        train_realnvp2d(TINY, train, val, resume_path=resume, on_epoch=kill_at_2)
+        train_realnvp2d(cfg, train, val, resume_path=resume, on_epoch=kill_at_2)
     assert load_checkpoint(resume, kind="realnvp2d_resume")["epoch"] == 2
     epochs: list[int] = []
-    resumed = train_realnvp2d(TINY, train, val, resume_path=resume, on_epoch=lambda e, m: epochs.append(e))
+    resumed = train_realnvp2d(cfg, train, val, resume_path=resume, on_epoch=lambda e, m: epochs.append(e))
     assert resumed.resumed_from == 2 and epochs == [3, 4]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     assert resumed.history.rows == full.history.rows
 
     # A resume file written with another config is ignored: the run starts from scratch.
-    other = train_realnvp2d(TINY.__class__(**{**to_dict(TINY), "seed": 4}), train, val, resume_path=resume)
+    other = train_realnvp2d(cfg.__class__(**{**to_dict(cfg), "seed": 4}), train, val, resume_path=resume)
     assert other.resumed_from == 0
+
+
+def test_ema_weights_are_the_validated_and_returned_ones() -> None:
+    """With ``ema_decay`` the returned model is the averaged one that early stopping chose:
+    its validation NLL is the best recorded one, and it differs from the raw weights' run."""
+    train, val = _gaussian_data(1024, 1), _gaussian_data(256, 2)
+    cfg = TINY.__class__(**{**to_dict(TINY), "ema_decay": 0.9})
+    res = train_realnvp2d(cfg, train, val)
+    assert mean_nll(res.model, val)[0] == pytest.approx(res.best_val_loss, abs=1e-5)
+    raw = train_realnvp2d(TINY, train, val)
+    assert [r["train_loss"] for r in raw.history.rows] == [r["train_loss"] for r in res.history.rows]
+    assert [r["val_loss"] for r in raw.history.rows] != [r["val_loss"] for r in res.history.rows]
+
+
+def test_grad_clip_bounds_the_first_adam_step() -> None:
+    """One full-batch step from the seeded initialisation. Unclipped, Adam's first step moves
+    every coordinate with a gradient by ``lr`` (``m / sqrt(v) = sign(g)``). With the global
+    gradient norm clipped to ``c`` every ``|g| <= c``, so the step is at most
+    ``lr * c / (c + eps)``: a tenth of ``lr`` for ``c = 1e-9`` and Adam's ``eps = 1e-8``."""
+    train, val = _gaussian_data(512, 1), _gaussian_data(128, 2)
+    base = {**to_dict(TINY), "epochs": 1, "batch_size": 512}
+    init = init_model(TINY.__class__(**base), train).state_dict()
+
+    def largest_move(**extra: float) -> float:
+        res = train_realnvp2d(TINY.__class__(**{**base, **extra}), train, val)
+        return max(float((v - init[k]).abs().max()) for k, v in res.model.state_dict().items())
+
+    lr = TINY.lr
+    assert largest_move() == pytest.approx(lr, rel=1e-3)
+    assert largest_move(grad_clip=1e-9) <= lr * 1e-9 / (1e-9 + 1e-8) * (1 + 1e-4)
 
 
 def test_early_stopping_ends_the_run() -> None:
