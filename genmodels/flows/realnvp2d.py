@@ -116,7 +116,8 @@ class TrainResult:
     """What :func:`train_realnvp2d` returns.
 
     Attributes:
-        model: the flow with the weights of the best validation epoch (in eval mode).
+        model: the flow with the weights of the best validation epoch (the EMA weights when
+            ``config.ema_decay > 0``), in eval mode.
         history: per-epoch ``train_loss``, ``val_loss``, ``lr`` rows.
         best_epoch, best_val_loss: where early stopping found the minimum.
         epochs_run: epochs actually trained (<= ``config.epochs``).
