@@ -207,6 +207,16 @@ def load_checkpoint(
     return obj
 
 
+@torch.no_grad()
+def update_average(average: list[torch.Tensor], params: list[torch.Tensor], decay: float, step: int) -> None:
+    """One step of an exponential moving average of weights: ``average += (1 - d) (params - average)``
+    with the warm-up ``d = min(decay, (1 + step) / (10 + step))`` (TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates = step``), so that early on the average is
+    not dominated by the initial weights. ``average`` and ``params``: matching tensor lists."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    torch._foreach_lerp_(average, params, 1.0 - d)
+
+
 def check_finite(value: float, what: str, epoch: int) -> None:
     """Raise :class:`NonFiniteLossError` when ``value`` is NaN or infinite."""
     if not math.isfinite(value):

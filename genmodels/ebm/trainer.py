@@ -59,6 +59,7 @@ from genmodels.training import (
     generator_state,
     make_generator,
     set_generator_state,
+    update_average,
 )
 
 SampleCallback = Callable[[int, Tensor], None]
@@ -357,13 +358,8 @@ class _Trainer:
         grad_sq = torch.stack([p.grad.pow(2).sum() for p in self.model.parameters() if p.grad is not None]).sum()
         self.optimizer.step()
         if self.ema is not None:
-            # Warm-up (as in TensorFlow's ExponentialMovingAverage with num_updates): early on
-            # the average would otherwise be dominated by the random initial weights.
             self.ema_updates += 1
-            decay = min(cfg.ema_decay, (1.0 + self.ema_updates) / (10.0 + self.ema_updates))
-            with torch.no_grad():
-                for p_avg, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                    p_avg.lerp_(p, 1.0 - decay)
+            update_average(list(self.ema.parameters()), list(self.model.parameters()), cfg.ema_decay, self.ema_updates)
         return grad_sq
 
     @torch.no_grad()

@@ -50,6 +50,7 @@ from genmodels.training import (
     load_checkpoint,
     make_generator,
     set_generator_state,
+    update_average,
 )
 
 KIND = "realnvp2d"
@@ -233,15 +234,13 @@ def train_realnvp2d(
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
 
     def update_ema() -> None:
-        # Warm-up min(decay, (1 + k) / (10 + k)) after k updates: a plain EMA would still weigh
+        # With the warm-up (step = updates done before this one): a plain EMA would still weigh
         # the identity flow of the initialisation by decay^k (31% after 2,300 steps at 0.9995),
         # and a 14-layer flow averaged with its own identity is a poor flow (rings: val NLL
         # 3.89 after 25 epochs against 3.18 for the raw weights).
         nonlocal ema_updates
-        decay = min(config.ema_decay, (1 + ema_updates) / (10 + ema_updates))
+        update_average(ema_params, params, config.ema_decay, ema_updates)
         ema_updates += 1
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
     n = train.shape[0]
     stopped_early = stopper.bad_epochs >= config.patience and start_epoch > 0
