@@ -42,65 +42,102 @@ def mc_mean_se(values: list[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- MMD
 
 
+def rbf_mean(a: np.ndarray, b: np.ndarray, hs: tuple[float, ...]) -> np.ndarray:
+    """Mean-of-RBFs kernel matrix from scipy's squared distances (no shared code)."""
+    d2 = scipy.spatial.distance.cdist(a, b, "sqeuclidean")
+    return np.mean([np.exp(-d2 / (2 * h * h)) for h in hs], axis=0)
+
+
 def brute_mmd2(x: np.ndarray, y: np.ndarray, hs: tuple[float, ...]) -> float:
-    """Unbiased MMD^2 by explicit double loops over scipy distance matrices (no shared code)."""
+    """MMD_b^2 V-statistic: the plain mean of every kernel matrix, diagonals included."""
+    return float(rbf_mean(x, x, hs).mean() + rbf_mean(y, y, hs).mean() - 2 * rbf_mean(x, y, hs).mean())
 
-    def k(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        d2 = scipy.spatial.distance.cdist(a, b, "sqeuclidean")
-        return np.mean([np.exp(-d2 / (2 * h * h)) for h in hs], axis=0)
 
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+def brute_mmd2_u(x: np.ndarray, y: np.ndarray, hs: tuple[float, ...]) -> float:
+    """The unbiased U-statistic (diagonals excluded), only to show a test can tell the two apart."""
+    kxx, kyy = rbf_mean(x, x, hs), rbf_mean(y, y, hs)
     n, m = len(x), len(y)
-    return (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * rbf_mean(x, y, hs).mean()
+    )
+
+
+def brute_energy(x: np.ndarray, y: np.ndarray) -> float:
+    """ED_V: 2 mean|x-y| - mean|x-x'| - mean|y-y'| over all pairs, diagonals (zeros) included."""
+    cd = scipy.spatial.distance.cdist
+    return float(2 * cd(x, y).mean() - cd(x, x).mean() - cd(y, y).mean())
+
+
+def brute_energy_u(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased U-statistic of the energy distance (diagonals excluded)."""
+    cd = scipy.spatial.distance.cdist
+    n, m = len(x), len(y)
+    return float(2 * cd(x, y).mean() - cd(x, x).sum() / (n * (n - 1)) - cd(y, y).sum() / (m * (m - 1)))
 
 
 @pytest.mark.parametrize("hs", [DEFAULT_BANDWIDTHS, (0.3, 0.7, 1.9)])
-def test_mmd_matches_brute_force(hs: tuple[float, ...]) -> None:
+@pytest.mark.parametrize("dim", [2, 6])  # 6: the matmul path of the distances, whose diagonal is zeroed
+def test_mmd_matches_brute_force(hs: tuple[float, ...], dim: int) -> None:
     g = gen(0)
-    x, y = gauss(300, (0.0, 0.0), 1.0, g), gauss(257, (0.3, -0.2), 0.8, g)
+    x = gauss(300, (0.0,) * dim, 1.0, g)
+    y = gauss(257, (0.3, -0.2) + (0.1,) * (dim - 2), 0.8, g)
     ours = mmd2(x, y, hs, chunk=64)  # several blocks, a ragged last one, the symmetric shortcut
     ref = brute_mmd2(x.numpy(), y.numpy(), hs)
     assert ours == pytest.approx(ref, rel=1e-5, abs=1e-8)
+    # The diagonal's weight is what separates the V- from the U-statistic, by far more than the tolerance.
+    assert abs(ref - brute_mmd2_u(x.numpy(), y.numpy(), hs)) > 1e-3 * ref
 
 
-def test_mmd_identical_sets_is_the_diagonal_correction() -> None:
-    """For y == x the unbiased estimator is exactly 2 (S/m^2 - 1) / (m - 1) (S = full kernel sum):
-    zero up to O(1/m), never more than 2/(m-1) in size."""
+def test_mmd_identical_sets_is_zero() -> None:
+    """For y == x the three kernel means coincide: MMD_b^2 is exactly 0 (the U-statistic is
+    2 (S/m^2 - 1) / (m - 1) < 0 there, S the full kernel sum), also for a copy of x."""
     x = gauss(400, (0.0, 0.0), 1.0, gen(1))
-    m = x.shape[0]
-    d2 = scipy.spatial.distance.cdist(x.numpy(), x.numpy(), "sqeuclidean")
-    s = np.mean([np.exp(-d2 / (2 * h * h)) for h in DEFAULT_BANDWIDTHS], axis=0).sum()
-    expected = 2 * (s / m**2 - 1) / (m - 1)
-    got = mmd2(x, x)
-    assert got == pytest.approx(expected, rel=1e-5)
-    assert abs(got) <= 2 / (m - 1)
+    assert mmd2(x, x) == 0.0
+    got = mmd2(x, x.clone(), chunk=64)  # x vs x not by the symmetric path: summation order differs
+    assert 0.0 <= got < 1e-12
+    assert brute_mmd2_u(x.numpy(), x.numpy(), DEFAULT_BANDWIDTHS) < -1e-4
 
 
-def test_mmd_same_distribution_is_zero_within_se() -> None:
+def mean_rbf_gaussians(delta: np.ndarray, var: float, hs: tuple[float, ...]) -> float:
+    """E k(X, Y) for the mean-of-RBFs kernel when X - Y ~ N(delta, var I) in D = len(delta) dims:
+    E exp(-|Z|^2/(2h^2)) = (h^2/(h^2+var))^(D/2) exp(-|delta|^2/(2(h^2+var)))."""
+    d, sq = len(delta), float(delta @ delta)
+    return float(np.mean([(h * h / (h * h + var)) ** (d / 2) * math.exp(-sq / (2 * (h * h + var))) for h in hs]))
+
+
+def expected_mmd2_v_gaussians(delta: np.ndarray, sigma: float, n: int, m: int, hs: tuple[float, ...]) -> float:
+    """E[MMD_b^2] of n points of N(0, s^2 I) vs m points of N(delta, s^2 I), exactly:
+    1/n + (1 - 1/n) E k(X,X') + 1/m + (1 - 1/m) E k(Y,Y') - 2 E k(X,Y)
+    = population MMD^2 + (1/n + 1/m)(1 - E k(X,X'))."""
+    k0 = mean_rbf_gaussians(np.zeros_like(delta), 2 * sigma**2, hs)
+    kd = mean_rbf_gaussians(delta, 2 * sigma**2, hs)
+    return 2 * (k0 - kd) + (1 / n + 1 / m) * (1 - k0)
+
+
+def test_mmd_shifted_gaussians_expectation() -> None:
+    shift, sigma, n, m = (0.5, -0.3), 0.7, 500, 400
+    expected = expected_mmd2_v_gaussians(np.array(shift), sigma, n, m, DEFAULT_BANDWIDTHS)
     vals = [
-        mmd2(gauss(400, (0.0, 0.0), 1.0, gen(2 * i)), gauss(400, (0.0, 0.0), 1.0, gen(2 * i + 1))) for i in range(12)
-    ]
-    mean, se = mc_mean_se(vals)
-    assert abs(mean) < 4 * se
-
-
-def mmd2_gaussians(delta: np.ndarray, sigma: float, hs: tuple[float, ...]) -> float:
-    """Population MMD^2 between N(mu1, s^2 I) and N(mu2, s^2 I) for the mean-of-RBFs kernel:
-    E exp(-|Z|^2/(2h^2)), Z ~ N(d, v I) in D dims = (h^2/(h^2+v))^(D/2) exp(-|d|^2/(2(h^2+v)))."""
-    d, v, sq = len(delta), 2 * sigma**2, float(delta @ delta)
-    return float(np.mean([2 * (h * h / (h * h + v)) ** (d / 2) * (1 - math.exp(-sq / (2 * (h * h + v)))) for h in hs]))
-
-
-def test_mmd_shifted_gaussians_closed_form() -> None:
-    shift, sigma = (0.5, -0.3), 0.7
-    expected = mmd2_gaussians(np.array(shift), sigma, DEFAULT_BANDWIDTHS)
-    vals = [
-        mmd2(gauss(500, (0.0, 0.0), sigma, gen(100 + 2 * i)), gauss(500, shift, sigma, gen(101 + 2 * i)))
+        mmd2(gauss(n, (0.0, 0.0), sigma, gen(100 + 2 * i)), gauss(m, shift, sigma, gen(101 + 2 * i)))
         for i in range(12)
     ]
     mean, se = mc_mean_se(vals)
     assert abs(mean - expected) < 4 * se
     assert expected > 10 * se  # the test can tell a shift from no shift
+
+
+def test_mmd_null_expectation_is_the_floor() -> None:
+    """Both sets from one Gaussian: E[MMD_b^2] = (1/n + 1/m)(1 - E k(X,X')) > 0, and every value is >= 0.
+    (The U-statistic averages 0 here: the bias term is many standard errors away from it.)"""
+    sigma, n, m = 0.7, 200, 300
+    expected = expected_mmd2_v_gaussians(np.zeros(2), sigma, n, m, DEFAULT_BANDWIDTHS)
+    vals = [mmd2(gauss(n, (0.0, 0.0), sigma, gen(300 + 2 * i)), gauss(m, (0.0, 0.0), sigma, gen(301 + 2 * i))) for i in range(16)]
+    mean, se = mc_mean_se(vals)
+    assert min(vals) >= 0.0
+    assert abs(mean - expected) < 4 * se
+    assert expected > 10 * se
 
 
 # ----------------------------------------------------------------------------- energy distance
@@ -109,10 +146,11 @@ def test_mmd_shifted_gaussians_closed_form() -> None:
 def test_energy_distance_matches_brute_force() -> None:
     g = gen(3)
     x, y = gauss(211, (0.0, 0.0, 0.0), 1.0, g), gauss(190, (0.2, 0.0, -0.1), 1.3, g)  # 3-D, unequal sizes
-    dxy = scipy.spatial.distance.cdist(x.numpy(), y.numpy()).mean()
-    dxx = scipy.spatial.distance.cdist(x.numpy(), x.numpy()).sum() / (211 * 210)
-    dyy = scipy.spatial.distance.cdist(y.numpy(), y.numpy()).sum() / (190 * 189)
-    assert energy_distance(x, y, chunk=50) == pytest.approx(2 * dxy - dxx - dyy, rel=1e-5)
+    ref = brute_energy(x.numpy(), y.numpy())
+    assert energy_distance(x, y, chunk=50) == pytest.approx(ref, rel=1e-5)
+    assert abs(ref - brute_energy_u(x.numpy(), y.numpy())) > 1e-3 * ref  # the diagonal's weight matters
+    x6, y6 = gauss(150, (0.0,) * 6, 1.0, g), gauss(120, (0.3,) * 6, 1.0, g)  # the matmul path of the distances
+    assert energy_distance(x6, y6, chunk=40) == pytest.approx(brute_energy(x6.numpy(), y6.numpy()), rel=1e-5)
 
 
 @pytest.mark.parametrize("hs", [DEFAULT_BANDWIDTHS, (0.3, 0.7, 1.9)])
@@ -125,12 +163,9 @@ def test_one_pass_mmd_and_energy_with_reused_reference_match_brute_force(hs: tup
     for x in (gauss(300, (0.4, 0.0), 0.9, g), gauss(97, (0.0, -1.0), 1.5, g)):
         mmd, ed = mmd2_and_energy(x, y, hs, ref=ref, chunk=64)
         assert mmd == pytest.approx(brute_mmd2(x.numpy(), y.numpy(), hs), rel=1e-5, abs=1e-8)
-        n, m = x.shape[0], y.shape[0]
-        dxy = scipy.spatial.distance.cdist(x.numpy(), y.numpy()).mean()
-        dxx = scipy.spatial.distance.cdist(x.numpy(), x.numpy()).sum() / (n * (n - 1))
-        dyy = scipy.spatial.distance.cdist(y.numpy(), y.numpy()).sum() / (m * (m - 1))
-        assert ed == pytest.approx(2 * dxy - dxx - dyy, rel=1e-5)
+        assert ed == pytest.approx(brute_energy(x.numpy(), y.numpy()), rel=1e-5)
         assert (mmd, ed) == pytest.approx(mmd2_and_energy(x, y, hs), rel=1e-6)  # without a reference
+        assert (mmd, ed) == pytest.approx((mmd2(x, y, hs), energy_distance(x, y)), rel=1e-6)
     with pytest.raises(ValueError, match="another reference set"):
         mmd2_and_energy(y, y + 1.0, hs, ref=ref)
     with pytest.raises(ValueError, match="another reference set"):
@@ -145,21 +180,107 @@ def mean_norm_gaussian(delta: float, std: float, dim: int) -> float:
 
 
 @pytest.mark.parametrize("dim", [1, 2])
-def test_energy_distance_gaussians_closed_form(dim: int) -> None:
-    mu, sx, sy = 0.6, 1.0, 0.5
-    expected = (
-        2 * mean_norm_gaussian(mu, math.hypot(sx, sy), dim)
-        - mean_norm_gaussian(0.0, math.sqrt(2) * sx, dim)
-        - mean_norm_gaussian(0.0, math.sqrt(2) * sy, dim)
-    )
+def test_energy_distance_gaussians_expectation(dim: int) -> None:
+    """E[ED_V] = population ED + E|X-X'|/n + E|Y-Y'|/m, each term in closed form."""
+    mu, sx, sy, n, m = 0.6, 1.0, 0.5, 600, 500
+    exx, eyy = mean_norm_gaussian(0.0, math.sqrt(2) * sx, dim), mean_norm_gaussian(0.0, math.sqrt(2) * sy, dim)
+    expected = 2 * mean_norm_gaussian(mu, math.hypot(sx, sy), dim) - exx - eyy + exx / n + eyy / m
     shift = (mu,) + (0.0,) * (dim - 1)
     vals = [
-        energy_distance(gauss(600, (0.0,) * dim, sx, gen(200 + 2 * i)), gauss(600, shift, sy, gen(201 + 2 * i)))
+        energy_distance(gauss(n, (0.0,) * dim, sx, gen(200 + 2 * i)), gauss(m, shift, sy, gen(201 + 2 * i)))
         for i in range(12)
     ]
     mean, se = mc_mean_se(vals)
     assert abs(mean - expected) < 4 * se
     assert expected > 10 * se
+
+
+def test_energy_distance_null_expectation_gaussian() -> None:
+    """Both sets from N(0, s^2 I) in 2D: E[ED_V] = (1/n + 1/m) E|X-X'|, E|X-X'| = s sqrt(pi)
+    (X - X' ~ N(0, 2 s^2 I), a Rayleigh norm). The U-statistic would average 0: > 10 se away."""
+    sigma, n, m = 0.7, 200, 300
+    expected = (1 / n + 1 / m) * sigma * math.sqrt(math.pi)
+    vals = [
+        energy_distance(gauss(n, (0.0, 0.0), sigma, gen(300 + 2 * i)), gauss(m, (0.0, 0.0), sigma, gen(301 + 2 * i)))
+        for i in range(16)
+    ]
+    mean, se = mc_mean_se(vals)
+    assert min(vals) >= 0.0
+    assert abs(mean - expected) < 4 * se
+    assert expected > 10 * se
+
+
+# ----------------------------------------------------------------------------- non-negativity, floors
+
+
+def arbitrary_pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Pairs of point sets meant to stress a sign: identical, duplicated, nested, nearly equal,
+    same-distribution (where a U-statistic is negative about half the time), tiny, 1D and 6D."""
+    g = gen(30)
+    x = gauss(120, (0.0, 0.0), 1.0, g)
+    pairs = [
+        ("identical", x, x),
+        ("copy", x, x.clone()),
+        ("permuted", x, x[torch.randperm(120, generator=g)]),
+        ("duplicated", x, torch.cat([x, x[:40]])),
+        ("subset", x[:30], x),
+        ("jittered", x, x + 1e-3 * torch.randn(120, 2, generator=g, dtype=torch.float64)),
+        ("single points", x[:1], x[1:2]),
+        ("one point vs itself", x[:1], x[:1]),
+        ("two points", x[:2], x[2:4]),
+        ("1d", torch.randn(50, 1, generator=g, dtype=torch.float64), torch.randn(70, 1, generator=g, dtype=torch.float64)),
+        ("6d", gauss(60, (0.0,) * 6, 1.0, g), gauss(80, (0.0,) * 6, 1.0, g)),
+        ("far apart", x, x + 100.0),
+    ]
+    for i in range(10):
+        pairs.append((f"same distribution {i}", gauss(15, (0.0, 0.0), 1.0, g), gauss(12, (0.0, 0.0), 1.0, g)))
+    return pairs
+
+
+def test_statistics_are_non_negative_on_arbitrary_sets() -> None:
+    u_negative = 0
+    for name, x, y in arbitrary_pairs():
+        mmd, ed = mmd2_and_energy(x, y, chunk=16)
+        assert mmd >= 0.0 and ed >= 0.0, name
+        assert mmd2(x, y, chunk=16) >= 0.0 and energy_distance(x, y, chunk=16) >= 0.0, name
+        # The brute-force V-statistics in float64 are >= 0 too and agree with ours (to the float32
+        # blocks' ~1e-7 of the O(1) kernel and distance means).
+        bm, be = brute_mmd2(x.numpy(), y.numpy(), DEFAULT_BANDWIDTHS), brute_energy(x.numpy(), y.numpy())
+        assert bm >= -1e-12 and be >= -1e-12, name
+        assert mmd == pytest.approx(max(bm, 0.0), rel=1e-4, abs=5e-8), name
+        assert ed == pytest.approx(max(be, 0.0), rel=1e-4, abs=1e-6), name
+        if name.startswith(("identical", "copy", "permuted", "one point")):
+            assert mmd < 1e-12 and ed < 1e-9, name  # the same empirical distribution: exactly 0
+        if x.shape[0] > 1 and y.shape[0] > 1:
+            u_negative += brute_energy_u(x.numpy(), y.numpy()) < 0
+    assert u_negative >= 3  # the sets would catch the U-statistic's sign (it is negative on several)
+
+
+def test_floor_of_two_real_draws_matches_null_expectation() -> None:
+    """A perfect model on eight_gaussians: ``real`` and ``test`` drawn from the exact distribution.
+    The floors average (1/n + 1/m) E|X-X'| and (1/n + 1/m)(1 - E k(X,X')); E|X-X'| and E k(X,X')
+    come from a large independent Monte-Carlo over pairs, with its own standard error."""
+    from genmodels.data.points2d import get_distribution
+
+    dist = get_distribution("eight_gaussians")
+    n, m, reps, n_mc = 256, 384, 64, 400_000
+    a, b = dist.sample(n_mc, gen(40)).double(), dist.sample(n_mc, gen(41)).double()
+    dist_ab = (a - b).norm(dim=1)
+    ker_ab = torch.stack([torch.exp(-(a - b).pow(2).sum(1) / (2 * h * h)) for h in DEFAULT_BANDWIDTHS]).mean(0)
+    c = 1 / n + 1 / m
+    floors: dict[str, list[float]] = {"energy_distance_floor": [], "mmd_floor": []}
+    for i in range(reps):
+        samples, real, test = (dist.sample(size, gen(500 + 3 * i + j)) for j, size in enumerate((n, n, m)))
+        out = sample_metrics_with_floor(samples, real, test, seed=i, n_projections=8)
+        for k in floors:
+            floors[k].append(out[k])
+    for k, terms in (("energy_distance_floor", dist_ab), ("mmd_floor", 1.0 - ker_ab)):
+        expected = c * float(terms.mean())
+        se_expected = c * float(terms.std() / math.sqrt(n_mc))
+        mean, se = mc_mean_se(floors[k])
+        assert min(floors[k]) > 0.0, k
+        assert abs(mean - expected) < 4 * math.hypot(se, se_expected), (k, mean, se, expected)
+        assert expected > 10 * se, k  # far from the U-statistic's 0
 
 
 # ----------------------------------------------------------------------------- sliced Wasserstein
@@ -206,6 +327,8 @@ def test_floor_uses_same_directions_and_sizes() -> None:
     dirs = random_directions(32, 2, gen(5))
     assert out["swd_floor"] == pytest.approx(sliced_wasserstein2(real, test, directions=dirs), rel=1e-12)
     assert out["mmd_floor"] == pytest.approx(mmd2(real, test), rel=1e-12)
+    assert out["energy_distance_floor"] == pytest.approx(energy_distance(real, test), rel=1e-12)
+    assert out["energy_distance"] == pytest.approx(energy_distance(samples, test), rel=1e-12)
     assert set(out) == {"mmd", "energy_distance", "swd", "mmd_floor", "energy_distance_floor", "swd_floor"}
     with pytest.raises(ValueError, match="same size"):
         sample_metrics_with_floor(samples, real[:10], test, seed=5)

@@ -5,13 +5,25 @@ All three compare a set of generated points ``x`` (n, D) with held-out real poin
 16,384 x 16,384 comparisons never hold more than one block of distances in memory
 (float32 blocks, float64 sums).
 
-A value on its own says little: an estimate between two finite *real* samples is not zero
-either. :func:`sample_metrics_with_floor` therefore also returns each metric between an
-independent real draw and the same test set (the "floor" a perfect model would reach).
+MMD^2 and the energy distance are the *V-statistics* (all pairs, diagonals included,
+normalised by n^2, m^2, nm): Gretton et al.'s biased MMD_b^2 and Szekely & Rizzo's energy
+statistic. Each is the squared distance between the two empirical distributions' embeddings,
+so it is >= 0 on every pair of sets, and so is the sliced Wasserstein distance. Under the null
+(both sets drawn from one distribution P) their expectations are positive and known::
+
+    E[ED_V]     = (1/n + 1/m) E|X - X'|             X, X' ~ P independent
+    E[MMD_b^2]  = (1/n + 1/m) (1 - E k(X, X'))
+
+(the unbiased U-statistics average 0 there and are often negative). A value on its
+own says little, since two finite *real* samples are not at zero distance either:
+:func:`sample_metrics_with_floor` also returns each metric between an independent real draw
+and the same test set (the "floor" a perfect model would reach). Model and floor are the same
+non-negative statistic at the same sample sizes, so "within 2x of the floor" is well defined.
 
 References:
-    Gretton et al., "A Kernel Two-Sample Test", JMLR 2012 (unbiased MMD^2, Lemma 6).
-    Szekely & Rizzo, "Energy statistics", J. Stat. Plan. Inference 2013.
+    Gretton et al., "A Kernel Two-Sample Test", JMLR 2012 (MMD_b^2, eq. 5).
+    Szekely & Rizzo, "Energy statistics: A class of statistics based on distances",
+    J. Stat. Plan. Inference 2013 (the energy statistic, V-statistic form).
     Bonneel et al., "Sliced and Radon Wasserstein Barycenters of Measures", JMIV 2015.
 """
 
@@ -63,26 +75,36 @@ def _default_chunk(x: Tensor) -> int:
 
 
 def _two_sets(x: Tensor, y: Tensor, chunk: int | None, name: str) -> tuple[Tensor, Tensor, int]:
-    """``x`` (n, D) and ``y`` (m, D) as float32 points and the block size; ``name`` needs n, m >= 2."""
+    """``x`` (n, D) and ``y`` (m, D) as float32 points and the block size; n, m >= 1.
+
+    (The V-statistics are defined for single points too, unlike the U-statistics' n(n-1).)
+    """
     x, y = _as_points(x), _as_points(y)
-    if x.shape[0] < 2 or y.shape[0] < 2:
-        raise ValueError(f"{name} needs at least two points on each side")
+    if x.shape[0] < 1 or y.shape[0] < 1:
+        raise ValueError(f"{name} needs at least one point on each side")
     return x, y, chunk or _default_chunk(x)
 
 
 def _pair_sums(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
-    """``sum_{i,j} fn(|a_i - b_j|^2)`` over all pairs, block by block; a float64 tensor.
+    """``sum_{i,j} fn(|a_i - b_j|^2)`` over all pairs (diagonal included), block by block; float64.
 
     ``fn`` maps a block of squared distances (which it may overwrite) to its float64 sum
     (0-dim, or a vector of several sums of the same block).
-    When ``a is b`` only the upper block triangle is computed (the sum is symmetric).
+    When ``a is b`` only the upper block triangle is computed (the sum is symmetric), and the
+    diagonal's squared distances are set to exactly 0.
     """
     symmetric = a is b
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     for i in range(0, a.shape[0], chunk):
         ai = a[i : i + chunk]
         for j in range(i if symmetric else 0, b.shape[0], chunk):
-            s = fn(_sq_dists(ai, b[j : j + chunk]))
+            d2 = _sq_dists(ai, b[j : j + chunk])
+            if symmetric and j == i:
+                # The V-statistics count the n self-pairs: |a_i - a_i| must be 0 and k(a_i, a_i) 1.
+                # Coordinate differences give 0 exactly already; the matmul form (D > 4) leaves
+                # cancellation noise, whose square root (~1e-3 relative) would not be negligible.
+                d2.diagonal().zero_()
+            s = fn(d2)
             total = total + (2.0 * s if symmetric and j != i else s)
     return total
 
@@ -123,26 +145,35 @@ def _kernel_and_dist_sum(bandwidths: Sequence[float]) -> Callable[[Tensor], Tens
 
 
 class ReferenceSums(NamedTuple):
-    """The off-diagonal pair sums of a reference set ``y`` with itself, computed once by
+    """The pair sums (all m^2 pairs, diagonal included) of a reference set ``y`` with itself, computed once by
     :func:`reference_sums` and reused by :func:`mmd2_and_energy` for every sample set that is
     compared with the same ``y`` (an evaluation compares five sets with one test split)."""
 
     y: Tensor  # (m, D) float32: the points these sums belong to
     bandwidths: tuple[float, ...]
-    kernel: Tensor  # sum_{i != j} k(y_i, y_j), 0-dim float64
-    dist: Tensor  # sum_{i != j} |y_i - y_j|, 0-dim float64
+    kernel: Tensor  # sum_{i,j} k(y_i, y_j), diagonal (m ones) included, 0-dim float64
+    dist: Tensor  # sum_{i,j} |y_i - y_j| (the diagonal adds 0), 0-dim float64
 
 
 def reference_sums(
     y: Tensor, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, *, chunk: int | None = None
 ) -> ReferenceSums:
-    """:class:`ReferenceSums` of ``y`` (m, D), m >= 2."""
+    """:class:`ReferenceSums` of ``y`` (m, D), m >= 1."""
     y = _as_points(y)
-    if y.shape[0] < 2:
-        raise ValueError("reference_sums needs at least two points")
+    if y.shape[0] < 1:
+        raise ValueError("reference_sums needs at least one point")
     sums = _pair_sums(y, y, _kernel_and_dist_sum(bandwidths), chunk or _default_chunk(y))
-    # k(y, y) = 1 and |y - y| = 0 on the diagonal: remove the m ones from the kernel sum.
-    return ReferenceSums(y, tuple(float(h) for h in bandwidths), sums[0] - y.shape[0], sums[1])
+    return ReferenceSums(y, tuple(float(h) for h in bandwidths), sums[0], sums[1])
+
+
+def _v_statistic(sxx: Tensor, syy: Tensor, sxy: Tensor, n: int, m: int, sign: float) -> float:
+    """``sign * (sxx / n^2 + syy / m^2 - 2 sxy / (nm))`` from all-pairs sums, clamped at 0.
+
+    ``sign`` is +1 for kernel sums (MMD_b^2) and -1 for distance sums (energy distance). The
+    statistic is >= 0 in exact arithmetic; summation in another order (x vs x and x vs a copy
+    of x) can only take it a rounding error (~1e-16 of the sums) below, which the clamp removes.
+    """
+    return max(0.0, sign * float(sxx / (n * n) + syy / (m * m) - 2.0 * sxy / (n * m)))
 
 
 def mmd2_and_energy(
@@ -156,8 +187,8 @@ def mmd2_and_energy(
     """``(mmd2(x, y, bandwidths), energy_distance(x, y))`` from one pass over the pair blocks.
 
     Each block's distances serve both metrics, and ``y``'s self-sums come from ``ref`` when
-    given (it must have been computed from the same ``y`` and bandwidths). Same estimators
-    as the two functions; equal to them up to float summation order.
+    given (it must have been computed from the same ``y`` and bandwidths). Same V-statistics
+    as the two functions (both >= 0); equal to them up to float summation order.
     """
     x, y, chunk = _two_sets(x, y, chunk, "mmd2_and_energy")
     n, m = x.shape[0], y.shape[0]
@@ -168,9 +199,10 @@ def mmd2_and_energy(
         raise ValueError("ref holds the sums of another reference set or other bandwidths")
     xx = _pair_sums(x, x, both, chunk)
     xy = _pair_sums(x, y, both, chunk)
-    kxx, kyy, kxy = (xx[0] - n) / (n * (n - 1)), ref.kernel / (m * (m - 1)), xy[0] / (n * m)
-    exx, eyy, exy = xx[1] / (n * (n - 1)), ref.dist / (m * (m - 1)), xy[1] / (n * m)
-    return float(kxx + kyy - 2.0 * kxy), float(2.0 * exy - exx - eyy)
+    return (
+        _v_statistic(xx[0], ref.kernel, xy[0], n, m, 1.0),
+        _v_statistic(xx[1], ref.dist, xy[1], n, m, -1.0),
+    )
 
 
 def mmd2(
@@ -180,15 +212,18 @@ def mmd2(
     *,
     chunk: int | None = None,
 ) -> float:
-    """Unbiased estimate of the squared MMD with the mean-of-RBFs kernel.
+    """Squared MMD with the mean-of-RBFs kernel, V-statistic (biased) form ``MMD_b^2``.
 
-    ``MMD^2_u = mean_{i!=j} k(x_i,x_j) + mean_{i!=j} k(y_i,y_j) - 2 mean_{i,j} k(x_i,y_j)``
-    (Gretton et al. 2012, eq. 3). Unbiased, so it can be slightly negative when the two
-    distributions are equal; its population value is >= 0 and 0 iff they are equal.
+    ``MMD_b^2 = 1/n^2 sum_{i,j} k(x_i,x_j) + 1/m^2 sum_{i,j} k(y_i,y_j) - 2/(nm) sum_{i,j} k(x_i,y_j)``
+    (Gretton et al. 2012, eq. 5; all pairs, the diagonal's k(x, x) = 1 included). It is the squared
+    RKHS distance between the two empirical mean embeddings, so it is >= 0 on any two sets (0
+    for identical ones). Its expectation is the population MMD^2 plus
+    ``(1 - E k(X,X'))/n + (1 - E k(Y,Y'))/m``: under the null (one distribution) it is
+    ``(1/n + 1/m)(1 - E k(X, X'))``, the floor a perfect model reaches at these sizes.
 
     Args:
-        x: (n, D) points, n >= 2.
-        y: (m, D) points, m >= 2.
+        x: (n, D) points, n >= 1.
+        y: (m, D) points, m >= 1.
         bandwidths: RBF widths ``h`` of ``exp(-d^2 / (2 h^2))``; the kernel is their mean.
         chunk: block size of the pairwise computation (default: 256 on the CPU, where small
             blocks stay in cache, 4096 on a GPU, where large blocks amortise kernel launches).
@@ -196,20 +231,22 @@ def mmd2(
     x, y, chunk = _two_sets(x, y, chunk, "mmd2")
     n, m = x.shape[0], y.shape[0]
     kern = _kernel_sum(bandwidths)
-    # k(x, x) = 1 exactly, so the diagonal contributes n (resp. m): subtract it.
-    kxx = (_pair_sums(x, x, kern, chunk) - n) / (n * (n - 1))
-    kyy = (_pair_sums(y, y, kern, chunk) - m) / (m * (m - 1))
-    kxy = _pair_sums(x, y, kern, chunk) / (n * m)
-    return float(kxx + kyy - 2.0 * kxy)
+    sums = (_pair_sums(x, x, kern, chunk), _pair_sums(y, y, kern, chunk), _pair_sums(x, y, kern, chunk))
+    return _v_statistic(*sums, n, m, 1.0)
 
 
 def energy_distance(x: Tensor, y: Tensor, *, chunk: int | None = None) -> float:
-    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` (U-statistic form, diagonals excluded).
+    """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` of the two empirical distributions.
 
-    Non-negative in population, zero iff the distributions are equal; in data units.
+    ``ED_V = 2/(nm) sum_{i,j} |x_i-y_j| - 1/n^2 sum_{i,j} |x_i-x_j| - 1/m^2 sum_{i,j} |y_i-y_j|``:
+    the V-statistic (all pairs, the zero diagonal counted in the normalisation), Szekely &
+    Rizzo's energy statistic. It is >= 0 on any two sets (0 for identical ones), in data units.
+    Its expectation is the population energy distance plus ``E|X-X'|/n + E|Y-Y'|/m``: under
+    the null (one distribution) it is ``(1/n + 1/m) E|X - X'|``, the floor a perfect model
+    reaches at these sizes.
 
     Args:
-        x: (n, D), y: (m, D), n, m >= 2.
+        x: (n, D), y: (m, D), n, m >= 1.
         chunk: block size, as in :func:`mmd2`.
     """
     x, y, chunk = _two_sets(x, y, chunk, "energy_distance")
@@ -218,11 +255,8 @@ def energy_distance(x: Tensor, y: Tensor, *, chunk: int | None = None) -> float:
     def dist(d2: Tensor) -> Tensor:
         return d2.sqrt_().sum(dtype=torch.float64)
 
-    # Diagonal distances are exactly 0, so the full sums equal the off-diagonal sums.
-    exx = _pair_sums(x, x, dist, chunk) / (n * (n - 1))
-    eyy = _pair_sums(y, y, dist, chunk) / (m * (m - 1))
-    exy = _pair_sums(x, y, dist, chunk) / (n * m)
-    return float(2.0 * exy - exx - eyy)
+    sums = (_pair_sums(x, x, dist, chunk), _pair_sums(y, y, dist, chunk), _pair_sums(x, y, dist, chunk))
+    return _v_statistic(*sums, n, m, -1.0)
 
 
 def random_directions(n: int, dim: int, generator: torch.Generator | None) -> Tensor:
@@ -287,8 +321,9 @@ def sample_metrics(
 ) -> dict[str, float]:
     """``{'mmd', 'energy_distance', 'swd'}`` between ``samples`` (n, D) and ``test`` (m, D).
 
-    ``mmd`` is the unbiased MMD^2 of :func:`mmd2`; ``swd`` is :func:`sliced_wasserstein2`
-    with directions drawn from ``generator``.
+    ``mmd`` is the MMD_b^2 V-statistic of :func:`mmd2`, ``energy_distance`` the V-statistic of
+    :func:`energy_distance` (both >= 0); ``swd`` is :func:`sliced_wasserstein2` with directions
+    drawn from ``generator``.
     """
     mmd, ed = mmd2_and_energy(samples, test, bandwidths)
     return {
@@ -319,7 +354,9 @@ def sample_metrics_with_floor(
 
     Returns:
         ``mmd``, ``energy_distance``, ``swd`` and ``mmd_floor``, ``energy_distance_floor``,
-        ``swd_floor``.
+        ``swd_floor``: all >= 0, each floor the same statistic at the same sizes (n vs m), so
+        ``metric / metric_floor`` is meaningful; the MMD and ED floors average
+        ``(1/n + 1/m)(1 - E k(X, X'))`` and ``(1/n + 1/m) E|X - X'|``.
     """
     if real.shape[0] != samples.shape[0]:
         raise ValueError(f"the floor needs a real draw of the same size ({real.shape[0]} vs {samples.shape[0]})")
