@@ -133,7 +133,10 @@ def test_mmd_null_expectation_is_the_floor() -> None:
     (The U-statistic averages 0 here: the bias term is many standard errors away from it.)"""
     sigma, n, m = 0.7, 200, 300
     expected = expected_mmd2_v_gaussians(np.zeros(2), sigma, n, m, DEFAULT_BANDWIDTHS)
-    vals = [mmd2(gauss(n, (0.0, 0.0), sigma, gen(300 + 2 * i)), gauss(m, (0.0, 0.0), sigma, gen(301 + 2 * i))) for i in range(16)]
+    vals = [
+        mmd2(gauss(n, (0.0, 0.0), sigma, gen(300 + 2 * i)), gauss(m, (0.0, 0.0), sigma, gen(301 + 2 * i)))
+        for i in range(16)
+    ]
     mean, se = mc_mean_se(vals)
     assert min(vals) >= 0.0
     assert abs(mean - expected) < 4 * se
@@ -228,7 +231,7 @@ def arbitrary_pairs() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         ("single points", x[:1], x[1:2]),
         ("one point vs itself", x[:1], x[:1]),
         ("two points", x[:2], x[2:4]),
-        ("1d", torch.randn(50, 1, generator=g, dtype=torch.float64), torch.randn(70, 1, generator=g, dtype=torch.float64)),
+        ("1d", gauss(50, (0.0,), 1.0, g), gauss(70, (0.0,), 1.0, g)),
         ("6d", gauss(60, (0.0,) * 6, 1.0, g), gauss(80, (0.0,) * 6, 1.0, g)),
         ("far apart", x, x + 100.0),
     ]
