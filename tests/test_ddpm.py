@@ -240,3 +240,35 @@ def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="do not match"):
         load_trained(tmp_path / "wrong.pt")
     assert build_model(wrong).net.inp.out_features == 32
+
+
+def test_ema_starts_with_the_warm_up_average(tmp_path: Path) -> None:
+    """The EMA's first updates use TensorFlow's warm-up decay ``min(d, (1 + k) / (10 + k))``, not
+    ``d`` itself: with ``d = 0.9995`` a plain EMA would still hold 13% of the initial (identity)
+    network after 4,000 steps. One step per epoch: after epoch 1 the average must be
+    ``init + 0.9 (theta_1 - init)`` exactly, after epoch 2 ``ema_1 + (1 - 2/11) (theta_2 - ema_1)``."""
+    from genmodels.diffusion.model import reset_parameters
+    from genmodels.training import make_generator
+
+    cfg = DDPMConfig(**{**config_dict(TINY), "batch_size": 512, "ema_decay": 0.9995, "epochs": 2})
+    train, val = _data(512, 0), _data(256, 1)
+    init = build_model(config_dict(cfg))
+    reset_parameters(init.net, make_generator(cfg.seed, "cpu"))
+    resume = tmp_path / "resume.pt"
+    states = []
+
+    def keep(epoch: int, metrics: object) -> None:
+        states.append(torch.load(resume, weights_only=True))
+
+    train_ddpm(cfg, train, val, resume_path=resume, on_epoch=keep)
+    (s1, s2) = states
+    assert s1["ema_updates"] == 1 and s2["ema_updates"] == 2
+    for name, p0 in init.net.named_parameters():
+        key = f"net.{name}"
+        ema1 = torch.lerp(p0.detach(), s1["model"][key], 1 - 1 / 10)
+        torch.testing.assert_close(s1["ema"][key], ema1, rtol=0, atol=1e-7)
+        torch.testing.assert_close(s2["ema"][key], torch.lerp(ema1, s2["model"][key], 1 - 2 / 11), rtol=0, atol=1e-7)
+    # and the average really moved off the initial weights (a plain 0.9995 EMA: 0.05% of the step)
+    moved = max((s1["ema"][f"net.{n}"] - p.detach()).abs().max().item() for n, p in init.net.named_parameters())
+    step = max((s1["model"][f"net.{n}"] - p.detach()).abs().max().item() for n, p in init.net.named_parameters())
+    assert moved > 0.5 * step > 0

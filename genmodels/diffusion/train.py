@@ -41,6 +41,7 @@ from genmodels.training import (
     make_generator,
     save_checkpoint,
     set_generator_state,
+    update_average,
 )
 
 KIND = "ddpm"
@@ -149,6 +150,7 @@ def train_ddpm(
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.lr_decay)
     stopper = EarlyStopping(patience=config.patience, min_delta=config.min_delta)
     history = History()
+    ema_updates = 0  # optimiser steps averaged so far (the EMA's warm-up counter)
     best_state = copy.deepcopy((ema or model).state_dict())
     start_epoch, stopped = 1, False
     L = config.n_steps
@@ -165,6 +167,7 @@ def train_ddpm(
             model.load_state_dict(st["model"])
             if ema is not None:
                 ema.load_state_dict(st["ema"])
+                ema_updates = int(st["ema_updates"])
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             set_generator_state(g, st["generator"])
@@ -232,8 +235,8 @@ def train_ddpm(
                 (weighted_l * local_loss_weight(b, w)).backward()
                 opt.step()
                 if ema is not None:
-                    with torch.no_grad():
-                        torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
+                    update_average(ema_params, params, config.ema_decay, ema_updates)
+                    ema_updates += 1
                 total += weighted_l.detach()  # summed over ranks at the end of the epoch
                 const_total += consts * b
                 continue
@@ -253,8 +256,8 @@ def train_ddpm(
             loss.backward()
             opt.step()
             if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
+                update_average(ema_params, params, config.ema_decay, ema_updates)
+                ema_updates += 1
             # weighted by batch size so a short last batch counts for what it is
             total += loss.detach() * x.shape[0]
         if ddp:
@@ -285,6 +288,7 @@ def train_ddpm(
                 stopped=stopped,
                 model=model.state_dict(),
                 ema=ema.state_dict() if ema is not None else {},
+                ema_updates=ema_updates,
                 optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(),
                 generator=generator_state(g),
