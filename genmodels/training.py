@@ -71,8 +71,42 @@ def _set_deterministic(mode: bool, *, warn_only: bool) -> None:
     setter(mode, warn_only=warn_only)
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed tensor memory in the process instead of handing it back to the kernel.
+
+    PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold
+    (128 KiB at start; a 4,096 x 64 float32 activation is 1 MiB) with a fresh ``mmap`` and
+    returns the top of the heap to the kernel once more than the trim threshold is free, so a
+    training step that allocates and frees the same few MiB every iteration page-faults its
+    activations in anew each time. Measured on these CPUs: a DDPM forward pass (batch 4,096,
+    5 x 64, one thread) took 5.2-5.4 ms, 3.2-3.3 ms with the thresholds raised.
+
+    Raises the mmap threshold to 32 MiB (glibc's maximum) and the trim threshold and top pad
+    so the heap keeps up to 256 MiB free. Results are unchanged (only where memory comes
+    from). A no-op returning False where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
+    ok &= mallopt(_M_TOP_PAD, 64 << 20) == 1
+    return bool(ok)
+
+
 def configure_torch(num_threads: int = 0, deterministic: bool = True) -> None:
-    """Thread count and deterministic algorithms, set once at the start of a stage."""
+    """Thread count, deterministic algorithms and the CPU allocator, set once at the start of a stage."""
+    tune_cpu_allocator()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     if deterministic:
