@@ -30,7 +30,8 @@ class DDPMConfig:
             running RMS of each step's ELBO term, mixed with 10% uniform; lower-variance
             gradients of the same ELBO) or ``uniform``.
         ema_decay: exponential moving average of the weights used for validation, the
-            checkpoint and sampling (0 = off).
+            checkpoint and sampling, with the warm-up ``min(ema_decay, (1 + k) / (10 + k))``
+            after ``k`` steps (:func:`genmodels.training.update_average`); 0 = off.
         sampling_steps: steps of the sampler used for the stage's samples and figures
             (= n_steps: the full ancestral chain; fewer: the strided DDIM-style sampler).
         sampling_eta: noise of the strided sampler (1 = stochastic/ancestral-like, 0 = DDIM).
