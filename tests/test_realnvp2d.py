@@ -3,6 +3,7 @@ training determinism, resume, NaN handling, checkpoint round trip, seeded sampli
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -226,10 +227,39 @@ def test_checkpoint_round_trip_and_sampling(tmp_path: Path) -> None:
         load_trained(tmp_path / "other.pt", "cpu")
 
 
+def test_input_bound_reaches_every_coupling_and_old_checkpoints_load_unbounded(tmp_path: Path) -> None:
+    bounded_cfg = dataclasses.replace(TINY, input_bound=2.5)
+    couplings = list(build_model(bounded_cfg).transform.transforms)[1:]
+    assert [c.input_bound for c in couplings] == [2.5] * TINY.n_layers
+    # A checkpoint written before the key existed: its config lacks it, its model is unbounded.
+    train = _gaussian_data(1000, 0)
+    free_cfg = dataclasses.replace(TINY, input_bound=0.0)
+    model = init_model(free_cfg, train)
+    _randomize(model, 11, scale=0.8)
+    old_config = to_dict(free_cfg)
+    del old_config["input_bound"]
+    save_checkpoint(tmp_path / "old.pt", kind="realnvp2d", config=old_config, model=model.state_dict())
+    loaded, config = load_trained(tmp_path / "old.pt", "cpu")
+    assert config["input_bound"] == 0.0
+    assert all(c.input_bound == 0.0 for c in list(loaded.transform.transforms)[1:])
+    x = _gaussian_data(50, 1) * 3  # wide, so a bound would change the densities
+    torch.testing.assert_close(loaded.log_prob(x), model.log_prob(x), rtol=0, atol=0)
+    bounded = build_model(bounded_cfg)
+    bounded.load_state_dict(model.state_dict())
+    assert (bounded.log_prob(x) - model.log_prob(x)).abs().max() > 1e-3
+    # A new checkpoint keeps its own value.
+    save_trained(tmp_path / "new.pt", bounded, bounded_cfg)
+    loaded, config = load_trained(tmp_path / "new.pt", "cpu")
+    assert config["input_bound"] == 2.5
+    torch.testing.assert_close(loaded.log_prob(x), bounded.log_prob(x), rtol=0, atol=0)
+
+
 def test_config_rejects_unknown_and_out_of_range_keys() -> None:
     with pytest.raises(ConfigError, match="realnvp2d.n_layer"):
         from_mapping(RealNVP2DConfig, {"n_layer": 3}, "realnvp2d")
     with pytest.raises(ConfigError, match="realnvp2d.scale_bound"):
         from_mapping(RealNVP2DConfig, {"scale_bound": 0.0}, "realnvp2d")
+    with pytest.raises(ConfigError, match="realnvp2d.input_bound"):
+        from_mapping(RealNVP2DConfig, {"input_bound": -1.0}, "realnvp2d")
     with pytest.raises(ConfigError, match="realnvp2d.lr_decay"):
         from_mapping(RealNVP2DConfig, {"lr_decay": 1.5}, "realnvp2d")

@@ -54,6 +54,8 @@ from genmodels.training import (
 )
 
 KIND = "realnvp2d"
+# Config keys newer than some checkpoints, with the value that means "as before the key existed".
+LEGACY_DEFAULTS: dict[str, Any] = {"input_bound": 0.0}
 EVAL_BATCH = 16384  # points per no-grad log-prob chunk: bounds memory, big enough to stay fast
 
 
@@ -81,7 +83,12 @@ def build_model(config: RealNVP2DConfig | Mapping[str, Any]) -> Flow:
     """
     cfg = _as_config(config)
     couplings = [
-        AffineCoupling(m, net=ScalarReLUMLP(2, cfg.hidden_units, cfg.n_hidden), scale_bound=cfg.scale_bound)
+        AffineCoupling(
+            m,
+            net=ScalarReLUMLP(2, cfg.hidden_units, cfg.n_hidden),
+            scale_bound=cfg.scale_bound,
+            input_bound=cfg.input_bound,
+        )
         for m in alternating_masks(2, cfg.n_layers, "half")
     ]
     return Flow(SharedPiecesCompose([Standardize(2), *couplings]), StandardNormal((2,)))
@@ -335,7 +342,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
         CheckpointError: missing file, unsafe/corrupt file, or not a realnvp2d checkpoint.
     """
     ckpt = load_checkpoint(path, kind=KIND, map_location="cpu")
-    config = dict(ckpt["config"])
+    # Keys added after a checkpoint was written take the value that reproduces the model it
+    # was trained as, not today's default (a missing key would otherwise get the default).
+    config = {**LEGACY_DEFAULTS, **ckpt["config"]}
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), config
