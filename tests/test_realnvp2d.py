@@ -151,6 +151,25 @@ def test_ema_weights_are_the_validated_and_returned_ones() -> None:
     assert [r["val_loss"] for r in raw.history.rows] != [r["val_loss"] for r in res.history.rows]
 
 
+def test_ema_reset_restarts_the_average_from_the_raw_weights() -> None:
+    """With a decay close to 1 the average lags the raw weights, which validate better after
+    the first epoch: ``ema_reset`` copies them into the average, so the returned model is the
+    raw run's; without it (or with a larger margin) the average is returned."""
+    train, val = _gaussian_data(1024, 1), _gaussian_data(256, 2)
+    base = {**to_dict(TINY), "epochs": 1}
+    raw = train_realnvp2d(TINY.__class__(**base), train, val)
+    slow = {**base, "ema_decay": 0.999999}
+    kept = train_realnvp2d(TINY.__class__(**slow), train, val)
+    reset = train_realnvp2d(TINY.__class__(**{**slow, "ema_reset": 1e-6}), train, val)
+    assert reset.best_val_loss == pytest.approx(raw.best_val_loss, abs=1e-6)
+    assert kept.best_val_loss > raw.best_val_loss + 1e-3
+    for k, v in raw.model.state_dict().items():
+        assert torch.equal(v, reset.model.state_dict()[k]), k
+    # A margin larger than the difference: no reset, the average is kept.
+    margin = train_realnvp2d(TINY.__class__(**{**slow, "ema_reset": 100.0}), train, val)
+    assert margin.best_val_loss == kept.best_val_loss
+
+
 def test_grad_clip_bounds_the_first_adam_step() -> None:
     """One full-batch step from the seeded initialisation. Unclipped, Adam's first step moves
     every coordinate with a gradient by ``lr`` (``m / sqrt(v) = sign(g)``). With the global
@@ -259,6 +278,8 @@ def test_config_rejects_unknown_and_out_of_range_keys() -> None:
         from_mapping(RealNVP2DConfig, {"n_layer": 3}, "realnvp2d")
     with pytest.raises(ConfigError, match="realnvp2d.scale_bound"):
         from_mapping(RealNVP2DConfig, {"scale_bound": 0.0}, "realnvp2d")
+    with pytest.raises(ConfigError, match="realnvp2d.ema_reset"):
+        from_mapping(RealNVP2DConfig, {"ema_reset": -0.1}, "realnvp2d")
     with pytest.raises(ConfigError, match="realnvp2d.input_bound"):
         from_mapping(RealNVP2DConfig, {"input_bound": -1.0}, "realnvp2d")
     with pytest.raises(ConfigError, match="realnvp2d.lr_decay"):

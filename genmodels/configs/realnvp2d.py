@@ -26,6 +26,8 @@ class RealNVP2DConfig:
             ``torch.nn.utils.clip_grad_norm_``); 0 = no clipping.
         ema_decay: exponential moving average of the weights, updated after every optimiser
             step, used for validation, early stopping and the final model (0 = off).
+        ema_reset: with the EMA on, restart it from the raw weights after an epoch whose raw
+            validation NLL is lower than the average's by more than this (nats); 0 = never.
         seed: seed of initialisation and shuffling (seed: 42).
     """
 
@@ -43,6 +45,7 @@ class RealNVP2DConfig:
     min_delta: float = 1e-4
     grad_clip: float = 0.0
     ema_decay: float = 0.0
+    ema_reset: float = 0.0
     seed: int = 42
 
     def validate(self, prefix: str) -> None:
@@ -58,7 +61,7 @@ class RealNVP2DConfig:
             "batch_size",
             "patience",
         )
-        non_negative(prefix, self, "min_delta", "grad_clip", "input_bound")
+        non_negative(prefix, self, "min_delta", "grad_clip", "input_bound", "ema_reset")
         in_open_unit(prefix, self, "lr_decay")
         check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", self.ema_decay, "a number in [0, 1) (0 = no EMA)")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")
