@@ -143,10 +143,10 @@ def test_ema_weights_are_the_validated_and_returned_ones() -> None:
     """With ``ema_decay`` the returned model is the averaged one that early stopping chose:
     its validation NLL is the best recorded one, and it differs from the raw weights' run."""
     train, val = _gaussian_data(1024, 1), _gaussian_data(256, 2)
-    cfg = TINY.__class__(**{**to_dict(TINY), "ema_decay": 0.9})
+    cfg = TINY.__class__(**{**to_dict(TINY), "ema_decay": 0.9, "ema_reset": 0.0})
     res = train_realnvp2d(cfg, train, val)
     assert mean_nll(res.model, val)[0] == pytest.approx(res.best_val_loss, abs=1e-5)
-    raw = train_realnvp2d(TINY, train, val)
+    raw = train_realnvp2d(TINY.__class__(**{**to_dict(TINY), "ema_decay": 0.0}), train, val)
     assert [r["train_loss"] for r in raw.history.rows] == [r["train_loss"] for r in res.history.rows]
     assert [r["val_loss"] for r in raw.history.rows] != [r["val_loss"] for r in res.history.rows]
 
@@ -157,8 +157,8 @@ def test_ema_reset_restarts_the_average_from_the_raw_weights() -> None:
     raw run's; without it (or with a larger margin) the average is returned."""
     train, val = _gaussian_data(1024, 1), _gaussian_data(256, 2)
     base = {**to_dict(TINY), "epochs": 1}
-    raw = train_realnvp2d(TINY.__class__(**base), train, val)
-    slow = {**base, "ema_decay": 0.999999}
+    raw = train_realnvp2d(TINY.__class__(**{**base, "ema_decay": 0.0}), train, val)
+    slow = {**base, "ema_decay": 0.999999, "ema_reset": 0.0}
     kept = train_realnvp2d(TINY.__class__(**slow), train, val)
     reset = train_realnvp2d(TINY.__class__(**{**slow, "ema_reset": 1e-6}), train, val)
     assert reset.best_val_loss == pytest.approx(raw.best_val_loss, abs=1e-6)
@@ -176,7 +176,7 @@ def test_grad_clip_bounds_the_first_adam_step() -> None:
     gradient norm clipped to ``c`` every ``|g| <= c``, so the step is at most
     ``lr * c / (c + eps)``: a tenth of ``lr`` for ``c = 1e-9`` and Adam's ``eps = 1e-8``."""
     train, val = _gaussian_data(512, 1), _gaussian_data(128, 2)
-    base = {**to_dict(TINY), "epochs": 1, "batch_size": 512}
+    base = {**to_dict(TINY), "epochs": 1, "batch_size": 512, "ema_decay": 0.0, "grad_clip": 0.0}
     init = init_model(TINY.__class__(**base), train).state_dict()
 
     def largest_move(**extra: float) -> float:

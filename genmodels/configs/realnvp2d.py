@@ -35,17 +35,17 @@ class RealNVP2DConfig:
     n_hidden: int = 2
     hidden_units: int = 128
     scale_bound: float = 3.0
-    input_bound: float = 0.0
+    input_bound: float = 3.0
     standardize: bool = True
     lr: float = 1e-3
     lr_decay: float = 0.999
     epochs: int = 500
     batch_size: int = 2048
     patience: int = 30
-    min_delta: float = 1e-4
-    grad_clip: float = 0.0
-    ema_decay: float = 0.0
-    ema_reset: float = 0.0
+    min_delta: float = 1e-3
+    grad_clip: float = 50.0
+    ema_decay: float = 0.999
+    ema_reset: float = 0.02
     seed: int = 42
 
     def validate(self, prefix: str) -> None:
