@@ -116,6 +116,95 @@ def test_scale_is_soft_clamped() -> None:
     assert (ld <= 1.5 + 1e-6).all() and (ld > 1.4).all()
 
 
+# --- input_bound: the conditioner sees c * tanh(x_C / c) ---------------------------------------
+
+
+def _bounded_coupling(mask: torch.Tensor, seed: int, input_bound: float) -> AffineCoupling:
+    layer = AffineCoupling(mask, hidden=16, n_hidden=2, scale_bound=2.0, input_bound=input_bound).double()
+    _randomize(layer, seed)
+    return layer
+
+
+@pytest.mark.parametrize("mask", MASKS[:3], ids=lambda m: "".join("c" if b else "t" for b in m.tolist()))
+def test_input_bound_logdet_matches_autograd_jacobian_and_round_trips(mask: torch.Tensor) -> None:
+    layer = _bounded_coupling(mask, seed=60, input_bound=1.0)
+    # Spread 3: many conditioning inputs well beyond the bound, where tanh bends.
+    x = torch.randn(6, mask.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(61)) * 3
+    z, ld = layer(x)
+    assert (ld.abs() > 1e-3).all()
+    torch.testing.assert_close(ld, _jacobian_logdet(layer, x), rtol=1e-10, atol=1e-10)
+    x_back, ld_inv = layer.inverse(z)
+    torch.testing.assert_close(ld_inv, _jacobian_logdet(layer.inverse, z), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x_back, x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld_inv, -ld, rtol=1e-12, atol=1e-12)
+    # It is a different map from the unbounded one with the same weights.
+    free = _bounded_coupling(mask, seed=60, input_bound=0.0)
+    assert (free(x)[0] - z).abs().max() > 1e-3
+
+
+def test_input_bound_makes_the_conditioner_constant_far_from_the_data() -> None:
+    mask = torch.tensor([True, False])
+    bounded = _bounded_coupling(mask, seed=62, input_bound=2.0)
+    free = _bounded_coupling(mask, seed=62, input_bound=0.0)
+    far = torch.tensor([[40.0], [1e3], [1e6]], dtype=torch.float64)
+    for sign in (1.0, -1.0):
+        shift, log_scale = bounded.shift_and_log_scale(sign * far)
+        # tanh(x / c) rounds to +-1 here: every far point gets exactly the same output, the net's
+        # value at +-c (up to the batch-size-dependent rounding of the matmuls).
+        assert (shift == shift[0]).all() and (log_scale == log_scale[0]).all()
+        ref_shift, ref_raw = bounded.net(torch.tensor([[sign * 2.0]], dtype=torch.float64)).chunk(2, dim=1)
+        torch.testing.assert_close(shift, ref_shift.expand(3, 1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(log_scale, 2.0 * torch.tanh(ref_raw / 2.0).expand(3, 1), rtol=1e-12, atol=1e-12)
+        # Without the bound a ReLU net extrapolates linearly: the shift grows with the input.
+        free_shift, _ = free.shift_and_log_scale(sign * far)
+        assert (free_shift[2] - free_shift[1]).abs() > 100 * (free_shift[1] - free_shift[0]).abs().clamp_min(1e-6)
+    # Over a wide range of inputs the shift never leaves the range the net takes on [-c, c].
+    inside = bounded.net(torch.linspace(-2, 2, 4001, dtype=torch.float64).unsqueeze(1))[:, :1]
+    wide = bounded.shift_and_log_scale(torch.linspace(-1e4, 1e4, 20001, dtype=torch.float64).unsqueeze(1))[0]
+    assert wide.min() >= inside.min() - 1e-9 and wide.max() <= inside.max() + 1e-9
+    # Inside the data's range (|x| << c) it is close to the unbounded map: tanh(x/c) c ~ x.
+    near = torch.tensor([[0.0], [1e-3]], dtype=torch.float64)
+    torch.testing.assert_close(bounded.shift_and_log_scale(near)[0], free.shift_and_log_scale(near)[0])
+
+
+def test_input_bound_defaults_off_and_rejects_negative() -> None:
+    layer = AffineCoupling(torch.tensor([True, False]), hidden=8, n_hidden=2)
+    assert layer.input_bound == 0.0
+    with pytest.raises(ValueError, match="input_bound"):
+        AffineCoupling(torch.tensor([True, False]), hidden=8, n_hidden=2, input_bound=-1.0)
+
+
+def test_input_bound_piece_table_equals_plain_mlp() -> None:
+    """With the bound on, ScalarReLUMLP (piece table) and the plain mlp give the same coupling,
+    log-det and gradients (weights, inputs)."""
+    mask = torch.tensor([False, True])
+    net = ScalarReLUMLP(2, 16, 2).double()
+    _randomize(net, seed=63, scale=1.0)
+    plain_net = mlp(1, 2, 16, 2).double()
+    plain_net.load_state_dict(net.state_dict())
+    fast = AffineCoupling(mask, net=net, scale_bound=2.0, input_bound=1.5)
+    plain = AffineCoupling(mask, net=plain_net, scale_bound=2.0, input_bound=1.5)
+    x = torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(64)) * 3
+    x_fast, x_plain = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    z_fast, ld_fast = fast(x_fast)
+    z_plain, ld_plain = plain(x_plain)
+    torch.testing.assert_close(z_fast, z_plain, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ld_fast, ld_plain, rtol=1e-10, atol=1e-10)
+    assert ld_fast.abs().max() > 1e-2
+    loss_fast = (z_fast.sin().sum() + ld_fast.sum())
+    loss_plain = (z_plain.sin().sum() + ld_plain.sum())
+    g_fast = torch.autograd.grad(loss_fast, [x_fast, *net.parameters()])
+    g_plain = torch.autograd.grad(loss_plain, [x_plain, *plain_net.parameters()])
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # Inside a SharedPiecesCompose (tables built together) it is still the same map.
+    shared = SharedPiecesCompose([fast])
+    z_shared, ld_shared = shared(x)
+    torch.testing.assert_close(z_shared, z_plain.detach(), rtol=1e-10, atol=1e-10)
+    x_back, _ = shared.inverse(z_shared)
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+
+
 def _linear_conditioner_flow(a: float, c: float, raw: float, bound: float) -> Flow:
     """x -> z with z1 = x1, z2 = x2 * exp(s) + a * x1 + c and s = bound * tanh(raw / bound)."""
     net = nn.Linear(1, 2).double()

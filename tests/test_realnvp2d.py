@@ -3,6 +3,7 @@ training determinism, resume, NaN handling, checkpoint round trip, seeded sampli
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -142,12 +143,31 @@ def test_ema_weights_are_the_validated_and_returned_ones() -> None:
     """With ``ema_decay`` the returned model is the averaged one that early stopping chose:
     its validation NLL is the best recorded one, and it differs from the raw weights' run."""
     train, val = _gaussian_data(1024, 1), _gaussian_data(256, 2)
-    cfg = TINY.__class__(**{**to_dict(TINY), "ema_decay": 0.9})
+    cfg = TINY.__class__(**{**to_dict(TINY), "ema_decay": 0.9, "ema_reset": 0.0})
     res = train_realnvp2d(cfg, train, val)
     assert mean_nll(res.model, val)[0] == pytest.approx(res.best_val_loss, abs=1e-5)
-    raw = train_realnvp2d(TINY, train, val)
+    raw = train_realnvp2d(TINY.__class__(**{**to_dict(TINY), "ema_decay": 0.0}), train, val)
     assert [r["train_loss"] for r in raw.history.rows] == [r["train_loss"] for r in res.history.rows]
     assert [r["val_loss"] for r in raw.history.rows] != [r["val_loss"] for r in res.history.rows]
+
+
+def test_ema_reset_restarts_the_average_from_the_raw_weights() -> None:
+    """With a decay close to 1 the average lags the raw weights, which validate better after
+    the first epoch: ``ema_reset`` copies them into the average, so the returned model is the
+    raw run's; without it (or with a larger margin) the average is returned."""
+    train, val = _gaussian_data(1024, 1), _gaussian_data(256, 2)
+    base = {**to_dict(TINY), "epochs": 1}
+    raw = train_realnvp2d(TINY.__class__(**{**base, "ema_decay": 0.0}), train, val)
+    slow = {**base, "ema_decay": 0.999999, "ema_reset": 0.0}
+    kept = train_realnvp2d(TINY.__class__(**slow), train, val)
+    reset = train_realnvp2d(TINY.__class__(**{**slow, "ema_reset": 1e-6}), train, val)
+    assert reset.best_val_loss == pytest.approx(raw.best_val_loss, abs=1e-6)
+    assert kept.best_val_loss > raw.best_val_loss + 1e-3
+    for k, v in raw.model.state_dict().items():
+        assert torch.equal(v, reset.model.state_dict()[k]), k
+    # A margin larger than the difference: no reset, the average is kept.
+    margin = train_realnvp2d(TINY.__class__(**{**slow, "ema_reset": 100.0}), train, val)
+    assert margin.best_val_loss == kept.best_val_loss
 
 
 def test_grad_clip_bounds_the_first_adam_step() -> None:
@@ -156,7 +176,7 @@ def test_grad_clip_bounds_the_first_adam_step() -> None:
     gradient norm clipped to ``c`` every ``|g| <= c``, so the step is at most
     ``lr * c / (c + eps)``: a tenth of ``lr`` for ``c = 1e-9`` and Adam's ``eps = 1e-8``."""
     train, val = _gaussian_data(512, 1), _gaussian_data(128, 2)
-    base = {**to_dict(TINY), "epochs": 1, "batch_size": 512}
+    base = {**to_dict(TINY), "epochs": 1, "batch_size": 512, "ema_decay": 0.0, "grad_clip": 0.0}
     init = init_model(TINY.__class__(**base), train).state_dict()
 
     def largest_move(**extra: float) -> float:
@@ -226,10 +246,41 @@ def test_checkpoint_round_trip_and_sampling(tmp_path: Path) -> None:
         load_trained(tmp_path / "other.pt", "cpu")
 
 
+def test_input_bound_reaches_every_coupling_and_old_checkpoints_load_unbounded(tmp_path: Path) -> None:
+    bounded_cfg = dataclasses.replace(TINY, input_bound=2.5)
+    couplings = list(build_model(bounded_cfg).transform.transforms)[1:]
+    assert [c.input_bound for c in couplings] == [2.5] * TINY.n_layers
+    # A checkpoint written before the key existed: its config lacks it, its model is unbounded.
+    train = _gaussian_data(1000, 0)
+    free_cfg = dataclasses.replace(TINY, input_bound=0.0)
+    model = init_model(free_cfg, train)
+    _randomize(model, 11, scale=0.8)
+    old_config = to_dict(free_cfg)
+    del old_config["input_bound"]
+    save_checkpoint(tmp_path / "old.pt", kind="realnvp2d", config=old_config, model=model.state_dict())
+    loaded, config = load_trained(tmp_path / "old.pt", "cpu")
+    assert config["input_bound"] == 0.0
+    assert all(c.input_bound == 0.0 for c in list(loaded.transform.transforms)[1:])
+    x = _gaussian_data(50, 1) * 3  # wide, so a bound would change the densities
+    torch.testing.assert_close(loaded.log_prob(x), model.log_prob(x), rtol=0, atol=0)
+    bounded = build_model(bounded_cfg)
+    bounded.load_state_dict(model.state_dict())
+    assert (bounded.log_prob(x) - model.log_prob(x)).abs().max() > 1e-3
+    # A new checkpoint keeps its own value.
+    save_trained(tmp_path / "new.pt", bounded, bounded_cfg)
+    loaded, config = load_trained(tmp_path / "new.pt", "cpu")
+    assert config["input_bound"] == 2.5
+    torch.testing.assert_close(loaded.log_prob(x), bounded.log_prob(x), rtol=0, atol=0)
+
+
 def test_config_rejects_unknown_and_out_of_range_keys() -> None:
     with pytest.raises(ConfigError, match="realnvp2d.n_layer"):
         from_mapping(RealNVP2DConfig, {"n_layer": 3}, "realnvp2d")
     with pytest.raises(ConfigError, match="realnvp2d.scale_bound"):
         from_mapping(RealNVP2DConfig, {"scale_bound": 0.0}, "realnvp2d")
+    with pytest.raises(ConfigError, match="realnvp2d.ema_reset"):
+        from_mapping(RealNVP2DConfig, {"ema_reset": -0.1}, "realnvp2d")
+    with pytest.raises(ConfigError, match="realnvp2d.input_bound"):
+        from_mapping(RealNVP2DConfig, {"input_bound": -1.0}, "realnvp2d")
     with pytest.raises(ConfigError, match="realnvp2d.lr_decay"):
         from_mapping(RealNVP2DConfig, {"lr_decay": 1.5}, "realnvp2d")

@@ -521,10 +521,18 @@ class AffineCoupling(Coupling):
     smooth, identity near 0, and no coupling can multiply by more than ``e^b`` -- the
     "numerically safe scale" that keeps early training and long stacks from overflowing.
 
+    Optionally the conditioning input is soft-clamped too: with ``input_bound = c > 0`` the
+    net sees ``c * tanh(x_C / c)`` (identity near 0, within ``(-c, c)``), so shift and
+    log-scale are bounded and tend to constants far from the data instead of growing
+    linearly like a ReLU net's output; ``0`` (the default) feeds ``x_C`` as is. The log-det is
+    unchanged (it does not depend on how ``x_C`` enters the net), and the map is still
+    exactly invertible because ``x_C`` passes through.
+
     Args:
         mask: ``(D,)`` booleans, True = conditioning coordinate.
         net: maps ``(B, n_cond)`` to ``(B, 2 * n_trans)`` = ``[shift, raw log-scale]``;
             built by :func:`mlp` when ``None``.
+        input_bound: soft clamp ``c`` of the net's input, 0 = off.
     """
 
     def __init__(
@@ -536,13 +544,20 @@ class AffineCoupling(Coupling):
         n_hidden: int = 2,
         scale_bound: float = 3.0,
         activation: type[nn.Module] = nn.ReLU,
+        input_bound: float = 0.0,
     ) -> None:
         super().__init__(mask)
+        if input_bound < 0:
+            raise ValueError(f"input_bound must be >= 0 (0 = off), got {input_bound}")
         self.net = net if net is not None else mlp(self.n_cond, 2 * self.n_trans, hidden, n_hidden, activation)
         self.scale_bound = float(scale_bound)
+        self.input_bound = float(input_bound)
 
     def shift_and_log_scale(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         """``cond`` (B, n_cond) -> shift, log-scale, both (B, n_trans)."""
+        c = self.input_bound
+        if c > 0:
+            cond = c * torch.tanh(cond / c)
         shift, raw = self.net(cond).chunk(2, dim=1)
         b = self.scale_bound
         return shift, b * torch.tanh(raw / b)

@@ -54,6 +54,8 @@ from genmodels.training import (
 )
 
 KIND = "realnvp2d"
+# Config keys newer than some checkpoints, with the value that means "as before the key existed".
+LEGACY_DEFAULTS: dict[str, Any] = {"input_bound": 0.0}
 EVAL_BATCH = 16384  # points per no-grad log-prob chunk: bounds memory, big enough to stay fast
 
 
@@ -81,7 +83,12 @@ def build_model(config: RealNVP2DConfig | Mapping[str, Any]) -> Flow:
     """
     cfg = _as_config(config)
     couplings = [
-        AffineCoupling(m, net=ScalarReLUMLP(2, cfg.hidden_units, cfg.n_hidden), scale_bound=cfg.scale_bound)
+        AffineCoupling(
+            m,
+            net=ScalarReLUMLP(2, cfg.hidden_units, cfg.n_hidden),
+            scale_bound=cfg.scale_bound,
+            input_bound=cfg.input_bound,
+        )
         for m in alternating_masks(2, cfg.n_layers, "half")
     ]
     return Flow(SharedPiecesCompose([Standardize(2), *couplings]), StandardNormal((2,)))
@@ -180,9 +187,10 @@ def train_realnvp2d(
 
     model = init_model(config, train).to(device)
     # Optional Polyak/EMA weights: what is validated, early-stopped on and returned. At the
-    # seed's slowly decaying learning rate the raw weights jitter around a good fit (with 0.999
-    # and patience 100: eight_gaussians gap 0.0396 -> 0.0108), but a loss spike stays in the
-    # average for ~1000 steps (rings: 0.151 -> 0.240); README, "RealNVP on 2D points".
+    # seed's slowly decaying learning rate the raw weights jitter around a good fit (rings: val
+    # NLL +-0.05 from epoch to epoch), which the average smooths out; without input_bound and
+    # grad_clip a loss spike stays in it for ~1000 steps (rings 0.151 -> 0.240), hence
+    # ema_reset. README, "RealNVP on 2D points".
     ema = copy.deepcopy(model) if config.ema_decay > 0 else None
     ema_updates = 0
     evaluated = ema if ema is not None else model
@@ -227,9 +235,10 @@ def train_realnvp2d(
     ema_params = list(ema.parameters()) if ema is not None else []
 
     def clip() -> None:
-        # Optional cap on the global gradient norm (rings: median 9-30, spikes to 470). Under
-        # Adam it did not remove rings' loss spikes (a clipped spike no longer inflates the
-        # second moment that damps the steps after it). The norm stays a tensor: no host sync.
+        # Optional cap on the global gradient norm (rings: median 9-30, spikes to 470-580).
+        # Alone it did not remove rings' loss spikes (0.151 -> 0.143 at 50, 0.383 at 10); with
+        # input_bound, whose bounded conditioners leave no point with a runaway NLL, clipping at
+        # 50 took rings 0.123 -> 0.078. The norm stays a tensor: no host sync.
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
 
@@ -281,6 +290,17 @@ def train_realnvp2d(
         evaluated.eval()
         val_loss_t = nll(evaluated, val).mean()
         train_loss, val_loss = (total / n).item(), val_loss_t.item()  # the one sync per epoch
+        if ema is not None and config.ema_reset > 0:
+            # A weight jump (rings: a run of gradient spikes moving the raw weights to another
+            # fit) leaves the average mixing two fits, worse than either (rings, input_bound 3,
+            # no clipping: val NLL 4.31 against 2.92 for the raw weights, epoch 86); restart it
+            # from the raw weights when they validate clearly better.
+            model.eval()
+            raw_val = nll(model, val).mean().item()
+            if raw_val < val_loss - config.ema_reset:
+                ema.load_state_dict(model.state_dict())
+                ema_updates = 0
+                val_loss = raw_val
         check_finite(train_loss, "realnvp2d train_loss", epoch)
         check_finite(val_loss, "realnvp2d val_loss", epoch)
 
@@ -335,7 +355,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
         CheckpointError: missing file, unsafe/corrupt file, or not a realnvp2d checkpoint.
     """
     ckpt = load_checkpoint(path, kind=KIND, map_location="cpu")
-    config = dict(ckpt["config"])
+    # Keys added after a checkpoint was written take the value that reproduces the model it
+    # was trained as, not today's default (a missing key would otherwise get the default).
+    config = {**LEGACY_DEFAULTS, **ckpt["config"]}
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), config
