@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from genmodels.configs.realnvp2d import RealNVP2DConfig
 from genmodels.flows.realnvp2d import init_model
-from genmodels.training import make_generator, resolve_device
+from genmodels.training import configure_torch, make_generator, resolve_device, update_average
 
 N_TRAIN, N_TEST, N_SAMPLE = 65536, 16384, 65536
 
@@ -54,9 +54,23 @@ def _timeit(fn: Callable[[], object], device: torch.device, repeats: int) -> flo
     return statistics.median(times)
 
 
-def _train_steps(loss_fn: Callable[[Tensor], Tensor], params, x: Tensor, batch: int, steps: int, seed: int):  # noqa: ANN001, ANN202
+def _train_steps(  # noqa: ANN202
+    loss_fn: Callable[[Tensor], Tensor],
+    params,  # noqa: ANN001
+    x: Tensor,
+    batch: int,
+    steps: int,
+    seed: int,
+    *,
+    grad_clip: float = 0.0,
+    ema_decay: float = 0.0,
+):
+    """A closure running ``steps`` Adam steps; ``grad_clip`` / ``ema_decay`` add what the
+    realnvp2d trainer does per step with those params (clip the global norm, update the EMA)."""
+    params = list(params)
     opt = torch.optim.Adam(params, lr=1e-3)
     gen = make_generator(seed, x.device)
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
 
     def run() -> None:
         done = 0
@@ -69,7 +83,11 @@ def _train_steps(loss_fn: Callable[[Tensor], Tensor], params, x: Tensor, batch: 
                 loss = loss_fn(x.index_select(0, idx))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
                 opt.step()
+                if ema:
+                    update_average(ema, params, ema_decay, done)
                 total += loss.detach()
                 done += 1
         if not torch.isfinite(total):
@@ -98,6 +116,7 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true", help="only time genmodels (no normflows installed)")
     args = ap.parse_args()
 
+    configure_torch(0, deterministic=False)  # the stages' allocator settings, for both sides
     device = resolve_device(args.device)
     cfg = RealNVP2DConfig()
     g = torch.Generator().manual_seed(0)
@@ -114,8 +133,16 @@ def main() -> None:
     ours = init_model(cfg, x_train.cpu()).to(device)
     sg = make_generator(0, device)
     jobs["genmodels"] = {
+        # with the defaults' gradient clipping and weight average, as the trainer runs a step
         "train": _train_steps(
-            lambda xb: -ours.log_prob(xb).mean(), ours.parameters(), x_train, cfg.batch_size, args.steps, 1
+            lambda xb: -ours.log_prob(xb).mean(),
+            ours.parameters(),
+            x_train,
+            cfg.batch_size,
+            args.steps,
+            1,
+            grad_clip=cfg.grad_clip,
+            ema_decay=cfg.ema_decay,
         ),
         "log_prob": lambda: ours.log_prob(x_test),
         "sample": lambda: ours.sample(N_SAMPLE, generator=sg),
