@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -132,9 +133,14 @@ def test_mmd_null_expectation_is_the_floor() -> None:
     """Both sets from one Gaussian: E[MMD_b^2] = (1/n + 1/m)(1 - E k(X,X')) > 0, and every value is >= 0.
     (The U-statistic averages 0 here: the bias term is many standard errors away from it.)"""
     sigma, n, m = 0.7, 200, 300
-    expected = expected_mmd2_v_gaussians(np.zeros(2), sigma, n, m, DEFAULT_BANDWIDTHS)
+    _check_null_expectation(mmd2, expected_mmd2_v_gaussians(np.zeros(2), sigma, n, m, DEFAULT_BANDWIDTHS), sigma, n, m)
+
+
+def _check_null_expectation(stat: Callable[..., float], expected: float, sigma: float, n: int, m: int) -> None:
+    """16 pairs of sets of sizes n, m from N(0, sigma^2 I_2): every value >= 0, their mean within
+    4 standard errors of ``expected``, which is > 10 se from 0 (where a U-statistic would be)."""
     vals = [
-        mmd2(gauss(n, (0.0, 0.0), sigma, gen(300 + 2 * i)), gauss(m, (0.0, 0.0), sigma, gen(301 + 2 * i)))
+        stat(gauss(n, (0.0, 0.0), sigma, gen(300 + 2 * i)), gauss(m, (0.0, 0.0), sigma, gen(301 + 2 * i)))
         for i in range(16)
     ]
     mean, se = mc_mean_se(vals)
@@ -202,15 +208,7 @@ def test_energy_distance_null_expectation_gaussian() -> None:
     """Both sets from N(0, s^2 I) in 2D: E[ED_V] = (1/n + 1/m) E|X-X'|, E|X-X'| = s sqrt(pi)
     (X - X' ~ N(0, 2 s^2 I), a Rayleigh norm). The U-statistic would average 0: > 10 se away."""
     sigma, n, m = 0.7, 200, 300
-    expected = (1 / n + 1 / m) * sigma * math.sqrt(math.pi)
-    vals = [
-        energy_distance(gauss(n, (0.0, 0.0), sigma, gen(300 + 2 * i)), gauss(m, (0.0, 0.0), sigma, gen(301 + 2 * i)))
-        for i in range(16)
-    ]
-    mean, se = mc_mean_se(vals)
-    assert min(vals) >= 0.0
-    assert abs(mean - expected) < 4 * se
-    assert expected > 10 * se
+    _check_null_expectation(energy_distance, (1 / n + 1 / m) * sigma * math.sqrt(math.pi), sigma, n, m)
 
 
 # ----------------------------------------------------------------------------- non-negativity, floors
