@@ -115,7 +115,8 @@ def main() -> None:
 
     # A briefly trained eps network (20 epochs on 16,384 two_moons points, seconds): with random
     # weights the eps chain diverges (|x| ~ 1e6 by t = 1) and its activations underflow to
-    # denormals, which made the last 500 steps ~40x slower per step and the timings meaningless.
+    # denormals: the last 500 steps took 336.6 ms each against 9.1 ms for the first 500 (16,384
+    # points), and the timings measured denormal arithmetic.
     # Trained, every x_t stays within a few units, as in real use.
     sp = make_splits("two_moons", 65536, 8192, 16384, 0)
     eps_cfg = from_mapping(DDPMConfig, {**config_dict(cfg), "parameterization": "eps", "epochs": 20}, "ddpm")
