@@ -163,6 +163,10 @@ def train_ddpm(
             st = load_checkpoint(resume_path, kind=RESUME_KIND, config=cfg, map_location=device)
         except Exception:  # noqa: BLE001 - a stale/foreign resume file means "start afresh"
             st = None
+        if st is not None and "ema_updates" not in st:
+            # written before the EMA had its warm-up (572956f): its average cannot be continued
+            # the way a fresh run would build it, so it is stale too
+            st = None
         if st is not None:
             model.load_state_dict(st["model"])
             if ema is not None:
