@@ -11,6 +11,11 @@ The peer (``diffusers``, benchmark-only, pinned in requirements-bench.txt) gets 
 schedule (``trained_betas`` = our beta^2, ``variance_type='fixed_large'`` = our ``beta2``
 reverse variance, epsilon prediction) and the same eps-parameterised network; both loops
 run under ``torch.inference_mode``. Times are wall-clock medians of ``--repeats`` runs.
+
+Our full chain runs at the default ``sampling_precision: auto`` (bfloat16 network on a CPU
+with AMX, float32 elsewhere) and, for comparison, with ``float32``; the peer runs the float32
+network as given and, for comparison, under ``torch.autocast`` to bfloat16 (what a user of the
+peer could switch on). ``--precision`` sets what "ours" runs at.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genmodels.configs.base import from_mapping  # noqa: E402
 from genmodels.configs.ddpm import DDPMConfig  # noqa: E402
 from genmodels.data.points2d import make_splits  # noqa: E402
-from genmodels.diffusion import build_model, config_dict, nll_bound, reset_parameters, sample, train_ddpm  # noqa: E402
+from genmodels.diffusion import (  # noqa: E402
+    build_model,
+    config_dict,
+    nll_bound,
+    reset_parameters,
+    sample,
+    sampling_dtype,
+    train_ddpm,
+)
 from genmodels.diffusion.elbo import elbo_estimate  # noqa: E402
 from genmodels.training import configure_torch, make_generator  # noqa: E402
 
@@ -68,8 +81,9 @@ def bench_train(cfg: DDPMConfig, steps: int, device: torch.device) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def peer_diffusers(model, n: int, seed: int) -> torch.Tensor:  # noqa: ANN001
-    """Full-chain sampling with diffusers' DDPMScheduler.step and the same (eps) network."""
+def peer_diffusers(model, n: int, seed: int, autocast: bool = False) -> torch.Tensor:  # noqa: ANN001
+    """Full-chain sampling with diffusers' DDPMScheduler.step and the same (eps) network
+    (``autocast``: the network's calls under ``torch.autocast`` to bfloat16)."""
     from diffusers import DDPMScheduler
 
     s = model.schedule
@@ -83,9 +97,9 @@ def peer_diffusers(model, n: int, seed: int) -> torch.Tensor:  # noqa: ANN001
     dev = model.shift.device
     g = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn(n, 2, generator=g, device=dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         for t in sched.timesteps:  # diffusers' step t (0-based) is our step t + 1
-            eps = model.net(x, (t + 1).reshape(1).to(dev))
+            eps = model.net(x, (t + 1).reshape(1).to(dev)).float()
             x = sched.step(eps, t, x, generator=g).prev_sample
     return model.unstandardize(x)
 
@@ -100,6 +114,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="ours (default: auto)")
     args = ap.parse_args()
     # As every stage does (configure_torch): thread count and the tuned CPU allocator, which
     # both samplers share in this one process.
@@ -127,14 +142,23 @@ def main() -> None:
           f"-> {el * 16384 / args.elbo_points:.1f} s for 16,384 points")
 
     n = args.n_samples
+    prec = args.precision
+    dtype = str(sampling_dtype(prec, dev)).removeprefix("torch.")
+    print(f"ours: sampling_precision {prec} -> network in {dtype} on {dev.type}")
     for S in args.strided:
-        st = _median_time(lambda S=S: sample(model, n, sampling_steps=S, generator=make_generator(5, dev)), args.repeats)
+        st = _median_time(
+            lambda S=S: sample(model, n, sampling_steps=S, generator=make_generator(5, dev), precision=prec), args.repeats
+        )
         print(f"sampling, strided {S} steps, ours: {n / st:,.0f} points/s ({st:.3f} s for {n})")
-    jobs = {"ours": lambda: sample(model, n, generator=make_generator(4, dev))}
+    jobs = {f"ours ({dtype})": lambda: sample(model, n, generator=make_generator(4, dev), precision=prec)}
+    if dtype != "float32":
+        jobs["ours (float32)"] = lambda: sample(model, n, generator=make_generator(4, dev), precision="float32")
     if not args.skip_peer:
         import diffusers
 
-        jobs[f"diffusers {diffusers.__version__} DDPMScheduler.step loop"] = lambda: peer_diffusers(model, n, 4)
+        peer = f"diffusers {diffusers.__version__} DDPMScheduler.step loop"
+        jobs[peer] = lambda: peer_diffusers(model, n, 4)
+        jobs[f"{peer}, autocast bfloat16"] = lambda: peer_diffusers(model, n, 4, autocast=True)
     # Full chains timed round-robin (ours, peer, ours, peer, ...): a change of machine load
     # during the run hits both alike; each figure is the median of --repeats runs.
     times: dict[str, list[float]] = {name: [] for name in jobs}
@@ -145,15 +169,20 @@ def main() -> None:
     for name, t in med.items():
         runs = ", ".join(f"{v:.2f}" for v in times[name])
         print(f"sampling, full chain ({cfg.n_steps} steps), {name}: {n / t:,.0f} points/s ({t:.2f} s for {n}; runs {runs})")
-    if len(med) == 2:
-        ours, peer = med.values()
-        print(f"  -> ours / peer = {peer / ours:.2f}x")
+    if not args.skip_peer:
+        ours = med[f"ours ({dtype})"]
+        print(f"  -> ours ({dtype}) / peer (float32, as given) = {med[peer] / ours:.2f}x")
+        if "ours (float32)" in med:
+            print(f"  -> ours (float32) / peer (float32) = {med[peer] / med['ours (float32)']:.2f}x")
+        print(f"  -> ours ({dtype}) / peer under autocast bfloat16 = {med[peer + ', autocast bfloat16'] / ours:.2f}x")
         # The same chain from the same seed: both draw x_L, then one (n, 2) noise per step for
-        # t >= 2, so with the same network they must give the same points up to float rounding.
-        a = sample(model, 4096, generator=make_generator(6, dev))
+        # t >= 2, so with the same network they must give the same points up to float rounding
+        # (float32 against float32), or up to the 16-bit network's rounding.
         b = peer_diffusers(model, 4096, 6)
-        rel = float((a - b).abs().max() / a.std())
-        print(f"  check, same seed: max |ours - peer| = {rel:.2e} x the samples' std")
+        for p in dict.fromkeys([prec, "float32"]):
+            a = sample(model, 4096, generator=make_generator(6, dev), precision=p)
+            rel = float((a - b).abs().max() / a.std())
+            print(f"  check, same seed: max |ours ({p}) - peer (float32)| = {rel:.2e} x the samples' std")
 
 if __name__ == "__main__":
     main()

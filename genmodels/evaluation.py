@@ -289,7 +289,7 @@ def evaluate_ddpm(
         model: a trained :class:`genmodels.diffusion.DDPM` on ``device``.
         config: its ``ddpm`` config dict (``sampling_steps`` sets the strided sampler).
     """
-    from genmodels.diffusion import nll_bound, sample_ancestral, sample_strided
+    from genmodels.diffusion import nll_bound, sample_ancestral, sample_strided, sampling_dtype
 
     ev = Evaluation()
     ruler = _points_common(ev, points, cfg, device)
@@ -300,26 +300,33 @@ def evaluate_ddpm(
     _nll_block(ev, "", bound.cpu(), points, nll_key="nll_bound", gap_key="kl_gap_bound")
     ev.metrics["nll_bound_points"] = int(test.shape[0])
     steps = int(config["sampling_steps"])
+    prec = str(config.get("sampling_precision", "auto"))  # checkpoints from before the option: auto
     n_steps = int(model.n_steps)
     ev.metrics["sampling_steps_full"] = n_steps
     ev.metrics["sampling_steps_strided"] = steps
-    full = sample_ancestral(model, cfg.n_samples, generator=_gen(cfg, "samples", device))
+    full = sample_ancestral(model, cfg.n_samples, generator=_gen(cfg, "samples", device), precision=prec)
     _sample_block(ev, "", "", full, points, cfg, ruler, device)
-    strided = sample_strided(model, cfg.n_samples, sampling_steps=steps, generator=_gen(cfg, "strided", device))
+    strided = sample_strided(
+        model, cfg.n_samples, sampling_steps=steps, generator=_gen(cfg, "strided", device), precision=prec
+    )
     _sample_block(ev, "", "_strided", strided, points, cfg, ruler, device)
     # Timing on a separate, smaller draw so it measures the sampler, not the metric code.
     k = cfg.timing_points
-    _, t_full = _timed(lambda: sample_ancestral(model, k, generator=_gen(cfg, "timing", device)), device)
+    _, t_full = _timed(
+        lambda: sample_ancestral(model, k, generator=_gen(cfg, "timing", device), precision=prec), device
+    )
     _, t_str = _timed(
-        lambda: sample_strided(model, k, sampling_steps=steps, generator=_gen(cfg, "timing", device)), device
+        lambda: sample_strided(model, k, sampling_steps=steps, generator=_gen(cfg, "timing", device), precision=prec),
+        device,
     )
     ev.metrics["sampling_seconds_per_1k"] = t_full * 1000.0 / k
     ev.metrics["sampling_seconds_per_1k_strided"] = t_str * 1000.0 / k
     ev.metrics["sampling_device"] = device.type
+    ev.metrics["sampling_dtype"] = str(sampling_dtype(prec, device, model.shift.dtype)).removeprefix("torch.")
     _points_baselines(ev, points, cfg, ruler, device)
     ev.notes.append(
         f"nll_bound: full negative ELBO over all {n_steps} steps on {test.shape[0]} test points; "
-        f"strided sampler: {steps} steps; timing on {k} points on {device.type} (wall clock: not reproducible)"
+        f"strided sampler: {steps} steps; sampler network in {ev.metrics['sampling_dtype']}; timing on {k} points on {device.type} (wall clock: not reproducible)"
     )
     return ev
 

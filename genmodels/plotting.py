@@ -266,37 +266,31 @@ def ddpm_forward_snapshots(
     return out
 
 
-@torch.inference_mode()
-def ddpm_reverse_snapshots(model: Any, n: int, steps: Sequence[int], generator: torch.Generator) -> dict[int, Tensor]:
+def ddpm_reverse_snapshots(
+    model: Any, n: int, steps: Sequence[int], generator: torch.Generator, precision: str = "auto"
+) -> dict[int, Tensor]:
     """The full ancestral chain of :func:`genmodels.diffusion.sample_ancestral`, recording ``x_t``
     for each ``t`` in ``steps`` (``L`` = the starting noise, ``0`` = the returned samples).
 
-    Same draws in the same order as ``sample_ancestral``: with the same generator state the
-    ``t = 0`` snapshot equals its output. States are recorded in standardised units, except
-    ``t = 0`` in data units (what the samplers return).
+    It *is* ``sample_ancestral`` (with its ``on_step`` hook): with the same generator state and
+    ``precision`` the ``t = 0`` snapshot equals its output. States are recorded in standardised
+    units, except ``t = 0`` in data units (what the samplers return).
 
     Returns:
         ``{t: (n, 2)}`` on the CPU.
     """
-    was_training = model.training
-    model.eval()
-    dev = model.shift.device
+    from genmodels.diffusion.sampling import sample_ancestral
+
     want = {int(t) for t in steps}
     out: dict[int, Tensor] = {}
-    x = torch.randn(n, model.dim, generator=generator, device=dev, dtype=model.shift.dtype)
-    if model.n_steps in want:
-        out[model.n_steps] = x.cpu()
-    biases = model.step_biases()  # the sampler's fast path, so the t = 0 state is its output
-    for t in range(model.n_steps, 0, -1):
-        tt = torch.full((1,), t, device=dev, dtype=torch.long)
-        _, mean = model.predict(x, tt, biases)
-        noise = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype) if t > 1 else torch.zeros_like(x)
-        x = model.schedule.step(mean, tt, noise)
-        if t - 1 in want and t - 1 > 0:
-            out[t - 1] = x.cpu()
-    model.train(was_training)
+
+    def record(t: int, x: Tensor) -> None:
+        if t in want and t > 0:
+            out[t] = x.detach().to("cpu", copy=True)  # the sampler updates x in place
+
+    samples = sample_ancestral(model, n, generator=generator, precision=precision, on_step=record)
     if 0 in want:
-        out[0] = model.unstandardize(x).cpu()
+        out[0] = samples.cpu()
     return out
 
 

@@ -155,7 +155,7 @@ def plot_ddpm(
 ) -> Figures:
     from genmodels.diffusion import load_trained
 
-    model, _ = load_trained(models_dir / "ddpm" / "model.pt", device)
+    model, config = load_trained(models_dir / "ddpm" / "model.pt", device)
     points = _points(data_dir)
     name = str(points.get("name", "csv"))
     L = int(model.n_steps)
@@ -165,7 +165,9 @@ def plot_ddpm(
     # One full ancestral chain serves every figure (L network calls on N_DENSITY points is the
     # stage's main cost on a CPU): its first chains, as many as the data panel's points (so both
     # rows of the process figure compare like with like), are the scatter panels and snapshots.
-    chain = gp.ddpm_reverse_snapshots(model, N_DENSITY, steps, _gen(seed, "reverse", device))
+    chain = gp.ddpm_reverse_snapshots(
+        model, N_DENSITY, steps, _gen(seed, "reverse", device), precision=config.get("sampling_precision", "auto")
+    )
     rev = {t: v[: test.shape[0]] for t, v in chain.items()}
     samples = rev[0]
     figs: Figures = {

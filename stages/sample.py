@@ -57,6 +57,7 @@ def _write_images(images: torch.Tensor, out: Path) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--sampling-steps", type=click.IntRange(min=1), help="ddpm: steps of the sampler (= L: full chain; fewer: strided)")
 @click.option("--eta", type=click.FloatRange(0.0, 1.0), help="ddpm strided sampler noise (1 ancestral-like, 0 deterministic DDIM)")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), help="ddpm: the network's precision while sampling (default: the checkpoint's ddpm.sampling_precision)")
 @click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="realnvp2d/flow: base noise scale")
 @click.option("--langevin-steps", type=click.IntRange(min=1), help="ebm: Langevin steps from noise (default: ebm.sample_steps)")
 @stage_main
@@ -69,6 +70,7 @@ def main(
     device: str,
     sampling_steps: int | None,
     eta: float | None,
+    precision: str | None,
     temperature: float,
     langevin_steps: int | None,
 ) -> None:
@@ -80,6 +82,8 @@ def main(
         fail(f"--out {out}: an image model writes a .png grid or a .pt tensor")
     if sampling_steps is not None and model != "ddpm":
         fail("--sampling-steps applies to ddpm only")
+    if precision is not None and model != "ddpm":
+        fail("--precision applies to ddpm only")
     if langevin_steps is not None and model != "ebm":
         fail("--langevin-steps applies to ebm only")
     dev = resolve_device(device)
@@ -101,7 +105,14 @@ def main(
         if steps > ddpm.n_steps:
             fail(f"--sampling-steps {steps}: at most the model's L = {ddpm.n_steps}")
         with torch.no_grad():
-            pts = sample(ddpm, n, generator=gen, sampling_steps=steps, eta=float(cfg.get("sampling_eta", 1.0)) if eta is None else eta)
+            pts = sample(
+                ddpm,
+                n,
+                generator=gen,
+                sampling_steps=steps,
+                eta=float(cfg.get("sampling_eta", 1.0)) if eta is None else eta,
+                precision=precision or str(cfg.get("sampling_precision", "auto")),
+            )
         atomic_write_text(_points_csv(pts.cpu()), out)
     elif model == "flow":
         from genmodels.flows.imageflow import load_trained

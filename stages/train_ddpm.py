@@ -206,6 +206,7 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
             generator=make_generator(cfg.seed + 100, device),
             sampling_steps=cfg.sampling_steps,
             eta=cfg.sampling_eta,
+            precision=cfg.sampling_precision,
         ).cpu()
         sampling_seconds = time.perf_counter() - t2
         if entropy is not None:

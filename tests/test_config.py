@@ -31,6 +31,7 @@ def test_project_params_validate_and_round_trip() -> None:
         ({"data": {"points2d": {"name": "swiss_roll"}}}, "data.points2d.name", "'two_moons'"),
         ({"data": {"mnist": {"split": "validation"}}}, "data.mnist.split", "'train', 'test'"),
         ({"common": {"device": "tpu"}}, "common.device", "'auto', 'cpu', 'cuda'"),
+        ({"ddpm": {"sampling_precision": "float16"}}, "ddpm.sampling_precision", "'auto', 'float32', 'bfloat16'"),
         ({"ebm": {"epochs": "ten"}}, "ebm.epochs", "an integer"),
         ({"ebm": {"epochs": True}}, "ebm.epochs", "an integer"),
         ({"flow": {"lr": "fast"}}, "flow.lr", "a number"),

@@ -35,6 +35,9 @@ class DDPMConfig:
         sampling_steps: steps of the sampler used for the stage's samples and figures
             (= n_steps: the full ancestral chain; fewer: the strided DDIM-style sampler).
         sampling_eta: noise of the strided sampler (1 = stochastic/ancestral-like, 0 = DDIM).
+        sampling_precision: the network's arithmetic while sampling (never in training or the
+            bound): ``auto`` (bfloat16 on a CPU with AMX, float32 elsewhere), ``float32`` or
+            ``bfloat16``; see :func:`genmodels.diffusion.sampling_dtype`.
         elbo_points: held-out points on which the training stage evaluates the full ELBO
             (all L terms per point; 0 = none).
         n_samples: samples the training stage draws for its figure and sample metrics.
@@ -59,6 +62,7 @@ class DDPMConfig:
     t_sampling: Literal["importance", "uniform"] = "importance"
     sampling_steps: int = 100
     sampling_eta: float = 1.0
+    sampling_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     elbo_points: int = 4096
     n_samples: int = 16384
     seed: int = 689

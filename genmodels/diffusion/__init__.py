@@ -5,7 +5,15 @@ Reference: Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", NeurIP
 
 from genmodels.diffusion.elbo import elbo_estimate, nll_bound, prior_kl, weighted_mse
 from genmodels.diffusion.model import DDPM, PARAMETERIZATIONS, DenoiserMLP, build_model, reset_parameters
-from genmodels.diffusion.sampling import sample, sample_ancestral, sample_strided, strided_steps
+from genmodels.diffusion.sampling import (
+    PRECISIONS,
+    ancestral_coefficients,
+    sample,
+    sample_ancestral,
+    sample_strided,
+    sampling_dtype,
+    strided_steps,
+)
 from genmodels.diffusion.schedule import NoiseSchedule
 from genmodels.diffusion.train import TrainResult, config_dict, load_trained, save_trained, train_ddpm
 
@@ -14,7 +22,9 @@ __all__ = [
     "PARAMETERIZATIONS",
     "DenoiserMLP",
     "NoiseSchedule",
+    "PRECISIONS",
     "TrainResult",
+    "ancestral_coefficients",
     "build_model",
     "config_dict",
     "elbo_estimate",
@@ -25,6 +35,7 @@ __all__ = [
     "sample",
     "sample_ancestral",
     "sample_strided",
+    "sampling_dtype",
     "save_trained",
     "strided_steps",
     "train_ddpm",

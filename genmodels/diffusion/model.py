@@ -45,6 +45,24 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     return emb
 
 
+def _linear_act(h: Tensor, weight: Tensor, bias: Tensor, silu: bool) -> Tensor:
+    """``h @ weight.T + bias``, then the SiLU if ``silu``: h (B, K), weight (N, K), bias (N,) -> (B, N).
+    Inference only.
+
+    On the CPU this is oneDNN's matmul with the SiLU ("swish") as a post-op, the fused kernel
+    PyTorch's own compiler emits for this pattern; elsewhere (or where the op is missing) a
+    linear and an in-place SiLU. For the (16,384 x 64) -> 2 output layer in bfloat16 oneDNN's
+    matmul takes 0.07 ms against 0.13 ms through ``F.linear``.
+    """
+    if h.device.type == "cpu" and _HAS_ONEDNN_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise(h, weight, bias, "swish" if silu else "none", [], "")
+    y = F.linear(h, weight, bias)
+    return F.silu(y, inplace=True) if silu else y
+
+
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class DenoiserMLP(nn.Module):
     """``net(x_t, t)``: (B, D), (B,) -> (B, D).
 
@@ -124,9 +142,12 @@ class DenoiserMLP(nn.Module):
         """``(L + 1, n_hidden, hidden)``: each hidden layer's bias plus its time projection, per step.
 
         Computed once per sampling chain or bound evaluation; :meth:`forward_at` then runs the
-        network for rows that share one step without any time-embedding work.
+        network for rows that share one step without any time-embedding work. A 16-bit
+        ``dtype`` (``bfloat16``) gives the float32 table rounded once, and selects the
+        low-precision path of :meth:`forward_at`.
         """
-        return torch.stack(self._layer_shifts(self.time_mlp(self.step_features.to(dtype))), dim=1)
+        work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        return torch.stack(self._layer_shifts(self.time_mlp(self.step_features.to(work))), dim=1).to(dtype)
 
     def forward_at(self, x: Tensor, biases: Tensor) -> Tensor:
         """``net(x, t)`` for rows that all share one step ``t``: x (B, D), ``biases = step_biases()[t]``
@@ -143,6 +164,8 @@ class DenoiserMLP(nn.Module):
         took 15.8 ms whole and 9.0 ms in blocks of 4,096 on one core (7.2 vs 5.5 ms on two).
         A GPU gets the whole batch in one launch per layer.
         """
+        if biases.dtype != x.dtype:
+            return self._forward_at_low(x, biases)
         rows = x.shape[0]
         if x.device.type != "cpu" or rows <= self.CPU_BLOCK_ROWS:
             return self._forward_at(x, biases)
@@ -150,6 +173,24 @@ class DenoiserMLP(nn.Module):
         for xb, ob in zip(x.split(self.CPU_BLOCK_ROWS), out.split(self.CPU_BLOCK_ROWS), strict=True):
             self._forward_at(xb, biases, out=ob)
         return out
+
+    def _forward_at_low(self, x: Tensor, biases: Tensor) -> Tensor:
+        """:meth:`forward_at` with weights and activations in ``biases.dtype`` (bfloat16): x (B, D)
+        in float32 -> (B, D) in float32. Inference only.
+
+        On a CPU with AMX tiles a bfloat16 matrix product of a sampling step's shape (16,384 x 64
+        by 64 x 64) takes 0.15 ms against 0.62 ms in float32, and oneDNN applies the SiLU to the
+        product's tile before storing it (one pass over the activation instead of two): the
+        network call goes from 3.6 to 2.0 ms. The products accumulate in float32; what is lost is
+        the rounding of weights, inputs and activations to 8 significant bits (about 1e-2 of the
+        output's spread on a trained eps network; the samplers add the output to float32 states).
+        Not blocked by rows: in 16 bits the whole batch's activation fits the L2 cache already.
+        """
+        dt = biases.dtype
+        h = x.to(dt)
+        for layer, b in zip([self.inp, *self.hidden], biases, strict=True):
+            h = _linear_act(h, layer.weight.to(dt), b, silu=True)
+        return _linear_act(h, self.out.weight.to(dt), self.out.bias.to(dt), silu=False).to(x.dtype)
 
     def _forward_at(self, x: Tensor, biases: Tensor, out: Tensor | None = None) -> Tensor:
         """:meth:`forward_at` on one block of rows, written into ``out`` (B, D) when given."""
@@ -206,10 +247,14 @@ class DDPM(nn.Module):
         """``sum(log scale)``: NLL in data units = NLL in standardised units + this."""
         return self.scale.log().sum()
 
-    def step_biases(self) -> Tensor | None:
-        """The network's per-step folded biases for :meth:`predict`'s fast path (None if it has none)."""
+    def step_biases(self, dtype: torch.dtype | None = None) -> Tensor | None:
+        """The network's per-step folded biases for :meth:`predict`'s fast path (None if it has none).
+
+        ``dtype`` (default: the model's) is the precision the fast path runs in: ``bfloat16``
+        for the samplers' low-precision network (see :func:`genmodels.diffusion.sampling_dtype`).
+        """
         fn = getattr(self.net, "step_biases", None)
-        return fn(self.shift.dtype) if fn is not None else None
+        return fn(dtype or self.shift.dtype) if fn is not None else None
 
     def _net(self, xt: Tensor, t: Tensor, step_biases: Tensor | None) -> Tensor:
         if step_biases is None:
