@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The pipeline and the DDPM / RealNVP-2D benchmarks on a GPU machine whose Python has torch but
 # not DVC, MLflow, diffusers or normflows, and which reaches no package registry (the device
-# tool's H200: CPython 3.12, x86-64). Run from anywhere in the checkout:
+# tool's H200: CPython 3.12, x86-64). Run from anywhere in the checkout; a copy at .gpu/gpu_check.sh
+# works the same (the device tool sends the main checkout's working tree, where this file may not
+# be committed yet: carry .gpu and run `bash .gpu/gpu_check.sh`):
 #
 #   bash scripts/gpu_check.sh                      # set-up, facts, then (a) (b) (c) below
 #   T_PIPE=300 T_DDPM=90 T_RNVP=60 bash scripts/gpu_check.sh
