@@ -23,6 +23,11 @@
 #   .gpu/site.tar.xz  (or an unpacked .gpu/site/)   dvc, mlflow-skinny + sqlalchemy/alembic,
 #       diffusers, normflows and every dependency the machine's image lacks, for CPython 3.12
 #       manylinux x86-64 (torch, numpy, pandas, click, pyyaml, ... come from the image)
+# Build it from scratch on a developer's machine (PyPI reachable; about 2 minutes, under 60 MiB):
+#   bash scripts/gpu_bundle.sh          # BUNDLE_DIR=/tmp/somewhere bash scripts/gpu_bundle.sh: elsewhere
+# It downloads the pinned packages of scripts/gpu_bundle.txt (versions from requirements.lock /
+# requirements-bench.txt), trims them, copies ../shared/data and this file into .gpu/, and adds
+# /.gpu/ to .git/info/exclude.
 #
 # What it sets up: PYTHONPATH = <site>:<repo> in front of what was there; data.*.mirror in
 # params.yaml pointed at .gpu/data (the original params.yaml is put back on exit); a `dvc`
