@@ -41,9 +41,9 @@ class RealNVP2DConfig:
     lr_decay: float = 0.999
     epochs: int = 500
     batch_size: int = 2048
-    patience: int = 30
+    patience: int = 100
     min_delta: float = 1e-3
-    grad_clip: float = 50.0
+    grad_clip: float = 10.0
     ema_decay: float = 0.999
     ema_reset: float = 0.02
     seed: int = 42
