@@ -5,8 +5,9 @@ One function per model returns an :class:`Evaluation` (flat metrics dict + ROC c
 
 * Entropy-based keys (``true_entropy``, ``kl_gap``, ``sample_logp``, ...) exist only when the
   2D set has an exact density; for a user CSV they are *absent*, never zero.
-* ``*_floor``: the metric's expected value between two independent real samples of the sizes
-  compared (generated vs test) -- what a perfect model gets on average -- with ``*_floor_se``
+* ``*_floor``: the metric's expected value between a real sample of the generated size and the
+  same test set -- what a perfect model gets on average -- estimated by the mean over
+  ``evaluate.floor_draws`` real draws, with ``*_floor_se``
   (:func:`genmodels.metrics.sample.real_vs_real_floors`; ``sample_logp_floor`` and the FID's
   floor are one real draw). ``baseline_<name>_<metric>``: the metric of a
   full-covariance Gaussian (``gaussian``) and a validation-tuned KDE (``kde``) fitted on the
@@ -210,8 +211,8 @@ def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: 
     directions = random_directions(cfg.swd_projections, 2, make_generator(cfg.seed + SEED_OFFSETS["directions"]))
     test = points.test.to(device, torch.float32)
     ruler = _Ruler(test, reference_sums(test, cfg.mmd_bandwidths), directions, sorted_projections(test, directions))
-    # The floors: each metric's expectation between two real samples of these sizes, with its se
-    # (mmd and energy distance in closed form from the test set's own pairs, swd over the draws).
+    # The floors: each metric's expected value between a real sample of n points and this test set
+    # (the mean over the draws) with its se, and the closed-form mmd / ED expectation over test sets.
     ev.metrics.update(
         real_vs_real_floors([r.to(device) for r in reals], ruler.ref, directions, test_sorted=ruler.test_sorted)
     )
@@ -234,9 +235,9 @@ def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: 
         ev.metrics["true_entropy"] = points.true_entropy
         ev.metrics["true_entropy_se"] = points.true_entropy_se
     ev.notes.append(
-        f"sample metrics: {n} generated points vs {points.test.shape[0]} test points; floors: expected values "
-        f"between real samples of these sizes (mmd, energy distance: closed form on the test points' pairs; "
-        f"swd: mean of {cfg.floor_draws} draws of {n} points from the {source.replace('_', ' ')} vs the test points)"
+        f"sample metrics: {n} generated points vs {points.test.shape[0]} test points; floors: mean of "
+        f"{cfg.floor_draws} draws of {n} points from the {source.replace('_', ' ')} vs the same test points "
+        f"(*_floor_unconditional: the closed-form expectation over test sets too)"
     )
     return ruler
 

@@ -261,44 +261,77 @@ def test_statistics_are_non_negative_on_arbitrary_sets() -> None:
 
 def test_floor_of_two_real_draws_matches_null_expectation() -> None:
     """A perfect model on eight_gaussians: ``real`` and ``test`` drawn from the exact distribution.
-    The floors are the null expectations (1/n + 1/m) E|X-X'| and (1/n + 1/m)(1 - E k(X,X')), estimated
-    on each test set; E|X-X'| and E k(X,X') come from a large independent Monte-Carlo over pairs, with
-    its own standard error. The drawn real-vs-real V-statistics (what one draw would give) average
-    the same, and scatter far more than the floors do."""
+    Averaged over test sets, the floors (means of real draws against the test set) and the
+    closed-form ``*_floor_unconditional`` both reach the null expectations (1/n + 1/m) E|X-X'| and
+    (1/n + 1/m)(1 - E k(X,X')); E|X-X'| and E k(X,X') come from a large independent Monte-Carlo
+    over pairs, with its own standard error. The closed form scatters far less than one draw."""
     from genmodels.data.points2d import get_distribution
 
     dist = get_distribution("eight_gaussians")
-    n, m, reps, n_mc = 256, 384, 64, 400_000
+    n, m, reps, n_mc = 256, 384, 48, 400_000
     a, b = dist.sample(n_mc, gen(40)).double(), dist.sample(n_mc, gen(41)).double()
     dist_ab = (a - b).norm(dim=1)
     ker_ab = torch.stack([torch.exp(-(a - b).pow(2).sum(1) / (2 * h * h)) for h in DEFAULT_BANDWIDTHS]).mean(0)
     c = 1 / n + 1 / m
-    keys = ("energy_distance_floor", "mmd_floor")
-    floors: dict[str, list[float]] = {k: [] for k in keys}
-    drawn: dict[str, list[float]] = {k: [] for k in keys}
-    ses: dict[str, list[float]] = {k: [] for k in keys}
+    got: dict[str, list[float]] = {}
     for i in range(reps):
-        samples, real, test = (dist.sample(size, gen(500 + 3 * i + j)) for j, size in enumerate((n, n, m)))
-        out = sample_metrics_with_floor(samples, real, test, seed=i, n_projections=8)
-        d_mmd, d_ed = mmd2_and_energy(real, test)
-        drawn["mmd_floor"].append(d_mmd)
-        drawn["energy_distance_floor"].append(d_ed)
-        for k in keys:
-            floors[k].append(out[k])
-            ses[k].append(out[k + "_se"])
-    for k, terms in (("energy_distance_floor", dist_ab), ("mmd_floor", 1.0 - ker_ab)):
+        samples, r1, r2, test = (dist.sample(size, gen(500 + 4 * i + j)) for j, size in enumerate((n, n, n, m)))
+        out = sample_metrics_with_floor(samples, [r1, r2], test, seed=i, n_projections=8)
+        d_mmd, d_ed = mmd2_and_energy(r1, test)
+        for k, v in (("mmd_one_draw", d_mmd), ("energy_distance_one_draw", d_ed)):
+            got.setdefault(k, []).append(v)
+        for k in ("mmd", "energy_distance"):
+            for suffix in ("_floor", "_floor_unconditional"):
+                got.setdefault(k + suffix, []).append(out[k + suffix])
+    for k, terms in (("energy_distance", dist_ab), ("mmd", 1.0 - ker_ab)):
         expected = c * float(terms.mean())
         se_expected = c * float(terms.std() / math.sqrt(n_mc))
-        for vals in (floors[k], drawn[k]):
+        for suffix in ("_floor", "_floor_unconditional", "_one_draw"):
+            vals = got[k + suffix]
             mean, se = mc_mean_se(vals)
             assert min(vals) > 0.0, k
-            assert abs(mean - expected) < 4 * math.hypot(se, se_expected), (k, mean, se, expected)
+            assert abs(mean - expected) < 4 * math.hypot(se, se_expected), (k, suffix, mean, se, expected)
             assert expected > 10 * se, k  # far from the U-statistic's 0
-        # The reported se is the floor's scatter over test sets (40% slack: 64 sets, first-order formula) ...
-        sd_floor = float(np.std(floors[k], ddof=1))
-        assert 0.6 < float(np.mean(ses[k])) / sd_floor < 1.4, (k, np.mean(ses[k]), sd_floor)
-        # ... and the expected floor is a far steadier reference than one real draw.
-        assert sd_floor < 0.25 * float(np.std(drawn[k], ddof=1)), k
+        assert np.std(got[k + "_floor_unconditional"]) < 0.25 * np.std(got[k + "_one_draw"]), k
+
+
+def test_floor_se_is_the_scatter_of_the_floor_given_the_test_set() -> None:
+    """One test set, 40 independent sets of K = 4 real draws: the floors scatter by their reported se."""
+    from genmodels.data.points2d import get_distribution
+
+    dist = get_distribution("eight_gaussians")
+    test = dist.sample(300, gen(80))
+    dirs = random_directions(16, 2, gen(81))
+    ref = reference_sums(test)
+    floors: dict[str, list[float]] = {}
+    for i in range(40):
+        out = real_vs_real_floors([dist.sample(200, gen(1000 + 4 * i + j)) for j in range(4)], ref, dirs)
+        for k in ("mmd", "energy_distance", "swd"):
+            floors.setdefault(k, []).append(out[k + "_floor"])
+            floors.setdefault(k + "_se", []).append(out[k + "_floor_se"])
+    for k in ("mmd", "energy_distance", "swd"):
+        ratio = float(np.mean(floors[k + "_se"])) / float(np.std(floors[k], ddof=1))
+        assert 0.65 < ratio < 1.5, (k, ratio)
+
+
+def test_floor_follows_an_atypical_test_set() -> None:
+    """Two far-apart Gaussians, equal weights; the test set holds 60/40 instead. A perfect model's
+    energy distance to it averages the floor (real draws vs the same test set), not the closed-form
+    expectation over test sets, which is several times lower."""
+
+    def draw(n: int, frac: float | None, g: torch.Generator) -> torch.Tensor:
+        k = int(round(frac * n)) if frac is not None else int(torch.rand(n, generator=g).lt(0.5).sum())
+        return torch.cat([gauss(k, (-3.0, 0.0), 0.5, g), gauss(n - k, (3.0, 0.0), 0.5, g)])
+
+    test = draw(400, 0.6, gen(90))
+    ref = reference_sums(test)
+    dirs = random_directions(8, 2, gen(91))
+    out = real_vs_real_floors([draw(300, None, gen(92 + j)) for j in range(8)], ref, dirs)
+    model = [mmd2_and_energy(draw(300, None, gen(200 + i)), test, ref=ref)[1] for i in range(24)]
+    mean, se = mc_mean_se(model)
+    floor, floor_se = out["energy_distance_floor"], out["energy_distance_floor_se"]
+    assert abs(mean - floor) < 4 * math.hypot(se, floor_se), (mean, se, floor, floor_se)
+    assert out["energy_distance_floor_unconditional"] < floor / 3
 
 
 def test_null_floors_closed_form_on_a_gaussian() -> None:
@@ -380,24 +413,34 @@ def test_floor_uses_same_directions_and_sizes() -> None:
     reals = [gauss(300, (0.0, 0.0), 1.0, g) for _ in range(5)]
     out = sample_metrics_with_floor(samples, reals, test, seed=5, n_projections=32)
     dirs = random_directions(32, 2, gen(5))
-    # SWD floor: the mean over the real draws, on the model's directions; se = sd / sqrt(K).
-    swds = np.array([sliced_wasserstein2(r, test, directions=dirs) for r in reals])
-    assert out["swd_floor"] == pytest.approx(swds.mean(), rel=1e-12)
-    assert out["swd_floor_se"] == pytest.approx(swds.std(ddof=1) / math.sqrt(5), rel=1e-9)
+    # Each floor: the mean over the real draws of the same statistic against the same test set
+    # (SWD on the model's directions); se = sd / sqrt(K).
+    per_draw = {
+        "swd": np.array([sliced_wasserstein2(r, test, directions=dirs) for r in reals]),
+        "mmd": np.array([mmd2(r, test) for r in reals]),
+        "energy_distance": np.array([energy_distance(r, test) for r in reals]),
+    }
+    for k, v in per_draw.items():
+        assert out[k + "_floor"] == pytest.approx(v.mean(), rel=1e-9), k
+        assert out[k + "_floor_se"] == pytest.approx(v.std(ddof=1) / math.sqrt(5), rel=1e-6), k
     assert out["swd"] == pytest.approx(sliced_wasserstein2(samples, test, directions=dirs), rel=1e-12)
-    # MMD / ED floors: (1/n + 1/m) x the U-statistic over the test set's distinct pairs (brute force).
+    # Closed-form expectations over test sets: (1/n + 1/m) x the U-statistic over the test set's
+    # distinct pairs (brute force).
     tn = test.numpy()
     c, m = 1 / 300 + 1 / 350, 350
     d, k = scipy.spatial.distance.cdist(tn, tn), rbf_mean(tn, tn, DEFAULT_BANDWIDTHS)
-    assert out["energy_distance_floor"] == pytest.approx(c * d.sum() / (m * (m - 1)), rel=1e-5)
-    assert out["mmd_floor"] == pytest.approx(c * (1 - (k.sum() - m) / (m * (m - 1))), rel=1e-5)
+    assert out["energy_distance_floor_unconditional"] == pytest.approx(c * d.sum() / (m * (m - 1)), rel=1e-5)
+    assert out["mmd_floor_unconditional"] == pytest.approx(c * (1 - (k.sum() - m) / (m * (m - 1))), rel=1e-5)
     assert out["mmd"] == pytest.approx(mmd2(samples, test), rel=1e-12)
     assert out["energy_distance"] == pytest.approx(energy_distance(samples, test), rel=1e-12)
     floors = {"mmd_floor", "energy_distance_floor", "swd_floor"}
-    assert set(out) == {"mmd", "energy_distance", "swd"} | floors | {f + "_se" for f in floors}
-    # One (n, D) draw, a (K, n, D) stack and a list give the same floors; one draw has no SWD se.
+    assert set(out) == {"mmd", "energy_distance", "swd"} | floors | {f + "_se" for f in floors} | {
+        "mmd_floor_unconditional",
+        "energy_distance_floor_unconditional",
+    }
+    # One (n, D) draw, a (K, n, D) stack and a list give the same floors; one draw has no se.
     one = sample_metrics_with_floor(samples, reals[0], test, seed=5, n_projections=32)
-    assert one["swd_floor"] == pytest.approx(swds[0], rel=1e-12) and math.isnan(one["swd_floor_se"])
+    assert one["swd_floor"] == pytest.approx(per_draw["swd"][0], rel=1e-12) and math.isnan(one["swd_floor_se"])
     assert sample_metrics_with_floor(samples, torch.stack(reals), test, seed=5, n_projections=32) == out
     with pytest.raises(ValueError, match="same size"):
         sample_metrics_with_floor(samples, reals[0][:10], test, seed=5)

@@ -56,9 +56,9 @@ class EvaluateConfig:
             for their floors).
         mmd_bandwidths: RBF widths of the MMD kernel (mean of RBFs), data units.
         swd_projections: random directions of the sliced Wasserstein distance.
-        floor_draws: independent real draws of ``n_samples`` points whose mean SWD against the
-            test set is ``swd_floor`` (with ``swd_floor_se``); the MMD and energy-distance floors
-            are closed-form and need none (the first draw also gives ``sample_logp_floor``).
+        floor_draws: independent real draws of ``n_samples`` points whose mean metrics against
+            the test set are the floors (``*_floor``, with ``*_floor_se``); the first draw also
+            gives ``sample_logp_floor``.
         n_fid: generated images for the FID (the real sides use all held-out images; the
             floor compares the same number of training images with them).
         kde_max_centers: training points kept as KDE centres (seeded subset).
@@ -100,7 +100,7 @@ class EvaluateConfig:
             self.floor_draws >= 2,
             f"{prefix}.floor_draws",
             self.floor_draws,
-            "an integer >= 2 (the SWD floor's standard error needs two draws)",
+            "an integer >= 2 (a floor's standard error needs two draws)",
         )
         check(
             len(self.mmd_bandwidths) > 0 and all(h > 0 for h in self.mmd_bandwidths),
