@@ -5,8 +5,11 @@ One function per model returns an :class:`Evaluation` (flat metrics dict + ROC c
 
 * Entropy-based keys (``true_entropy``, ``kl_gap``, ``sample_logp``, ...) exist only when the
   2D set has an exact density; for a user CSV they are *absent*, never zero.
-* ``*_floor``: the same metric between an independent real draw (same size) and the same test
-  set -- what a perfect model would get. ``baseline_<name>_<metric>``: the metric of a
+* ``*_floor``: the metric's expected value between a real sample of the generated size and the
+  same test set -- what a perfect model gets on average -- estimated by the mean over
+  ``evaluate.floor_draws`` real draws, with ``*_floor_se``
+  (:func:`genmodels.metrics.sample.real_vs_real_floors`; ``sample_logp_floor`` and the FID's
+  floor are one real draw). ``baseline_<name>_<metric>``: the metric of a
   full-covariance Gaussian (``gaussian``) and a validation-tuned KDE (``kde``) fitted on the
   same training data (and, for images, in the image flow's logit space, Jacobians included).
 * Every random draw comes from a generator seeded with ``evaluate.seed`` plus a fixed offset
@@ -34,8 +37,10 @@ from genmodels.metrics.sample import (
     ReferenceSums,
     mmd2_and_energy,
     random_directions,
+    real_vs_real_floors,
     reference_sums,
     sliced_wasserstein2,
+    sorted_projections,
 )
 from genmodels.training import make_generator
 
@@ -131,18 +136,20 @@ class Points:
         )
 
 
-def _real_draw(points: Points, n: int, cfg: EvaluateConfig) -> tuple[Tensor, str]:
-    """An independent real sample of size ``n`` for the floors: from the exact distribution when
-    there is one, else (CSV) a seeded subset of the training points (real, never the test set)."""
+def _real_draws(points: Points, n: int, cfg: EvaluateConfig) -> tuple[list[Tensor], str]:
+    """``cfg.floor_draws`` independent real samples of size ``n`` for the floors: from the exact
+    distribution when there is one, else (CSV) seeded subsets of the training points (real, never
+    the test set; subsets of one finite set, so not fully independent of each other)."""
+    g = _gen(cfg, "real_draw")
     if points.distribution is not None:
-        return points.distribution.sample(n, _gen(cfg, "real_draw")).float(), "true_distribution"
+        return [points.distribution.sample(n, g).float() for _ in range(cfg.floor_draws)], "true_distribution"
     if points.train.shape[0] < n:
         raise ValueError(
             f"evaluate.n_samples = {n} but the CSV point set has only {points.train.shape[0]} training points "
             "to serve as the real-vs-real floor; lower evaluate.n_samples"
         )
-    idx = torch.randperm(points.train.shape[0], generator=_gen(cfg, "real_draw"))[:n]
-    return points.train[idx.sort().values], "train_subset"
+    idx = [torch.randperm(points.train.shape[0], generator=g)[:n] for _ in range(cfg.floor_draws)]
+    return [points.train[i.sort().values] for i in idx], "train_subset"
 
 
 def _nll_block(ev: Evaluation, prefix: str, nll: Tensor, points: Points, *, nll_key: str, gap_key: str) -> None:
@@ -178,7 +185,9 @@ def _sample_block(
     mmd, ed = mmd2_and_energy(s, ruler.test, cfg.mmd_bandwidths, ref=ruler.ref)
     ev.metrics[f"{prefix}mmd{suffix}"] = mmd
     ev.metrics[f"{prefix}energy_distance{suffix}"] = ed
-    ev.metrics[f"{prefix}swd{suffix}"] = sliced_wasserstein2(s, ruler.test, directions=ruler.directions)
+    ev.metrics[f"{prefix}swd{suffix}"] = sliced_wasserstein2(
+        s, ruler.test, directions=ruler.directions, y_sorted=ruler.test_sorted
+    )
     if points.distribution is not None:
         ev.metrics[f"{prefix}sample_logp{suffix}"] = float(points.distribution.log_prob(s.cpu()).double().mean())
 
@@ -186,26 +195,34 @@ def _sample_block(
 class _Ruler(NamedTuple):
     """What every sample set of one evaluation is measured against: the test points (on the
     metric device), their self pair sums (computed once, not once per sample set) and the
-    SWD directions (the same for every set, so floors and models share one ruler)."""
+    SWD directions (the same for every set, so floors and models share one ruler) with the test
+    points' sorted projections on them (also computed once)."""
 
     test: Tensor
     ref: ReferenceSums
     directions: Tensor
+    test_sorted: Tensor
 
 
 def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: torch.device) -> _Ruler:
     """Floors, reference values, sizes; returns the ruler shared by every sample set."""
     n = cfg.n_samples
-    real, source = _real_draw(points, n, cfg)
+    reals, source = _real_draws(points, n, cfg)
     directions = random_directions(cfg.swd_projections, 2, make_generator(cfg.seed + SEED_OFFSETS["directions"]))
     test = points.test.to(device, torch.float32)
-    ruler = _Ruler(test, reference_sums(test, cfg.mmd_bandwidths), directions)
-    # The floor is the sample block of a real draw: mmd_floor, ..., and sample_logp_floor (the
-    # mean true log-density of real points, = -H up to noise: the target of sample_logp).
-    _sample_block(ev, "", "_floor", real, points, cfg, ruler, device)
+    ruler = _Ruler(test, reference_sums(test, cfg.mmd_bandwidths), directions, sorted_projections(test, directions))
+    # The floors: each metric's expected value between a real sample of n points and this test set
+    # (the mean over the draws) with its se, and the closed-form mmd / ED expectation over test sets.
+    ev.metrics.update(
+        real_vs_real_floors([r.to(device) for r in reals], ruler.ref, directions, test_sorted=ruler.test_sorted)
+    )
+    if points.distribution is not None:
+        # the mean true log-density of real points, = -H up to noise: the target of sample_logp
+        ev.metrics["sample_logp_floor"] = float(points.distribution.log_prob(reals[0]).double().mean())
     ev.metrics.update(
         {
             "n_samples": n,
+            "floor_draws": cfg.floor_draws,
             "n_train": int(points.train.shape[0]),
             "n_val": int(points.val.shape[0]),
             "n_test": int(points.test.shape[0]),
@@ -218,8 +235,9 @@ def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: 
         ev.metrics["true_entropy"] = points.true_entropy
         ev.metrics["true_entropy_se"] = points.true_entropy_se
     ev.notes.append(
-        f"sample metrics: {n} generated points vs {points.test.shape[0]} test points; floors: {n} points "
-        f"from the {source.replace('_', ' ')} vs the same test points"
+        f"sample metrics: {n} generated points vs {points.test.shape[0]} test points; floors: mean of "
+        f"{cfg.floor_draws} draws of {n} points from the {source.replace('_', ' ')} vs the same test points "
+        f"(*_floor_unconditional: the closed-form expectation over test sets too)"
     )
     return ruler
 

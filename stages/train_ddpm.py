@@ -43,7 +43,7 @@ from genmodels.configs.base import to_dict  # noqa: E402
 from genmodels.data.points2d import get_distribution  # noqa: E402
 from genmodels.diffusion import nll_bound, sample, save_trained, train_ddpm  # noqa: E402
 from genmodels.distributed import cleanup, init_from_env  # noqa: E402
-from genmodels.metrics.sample import sample_metrics, sample_metrics_with_floor  # noqa: E402
+from genmodels.metrics.sample import DEFAULT_FLOOR_DRAWS, sample_metrics, sample_metrics_with_floor  # noqa: E402
 from genmodels.training import make_generator, resume_path  # noqa: E402
 
 STAGE = "train_ddpm"
@@ -210,7 +210,8 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
         ).cpu()
         sampling_seconds = time.perf_counter() - t2
         if entropy is not None:
-            real = get_distribution(name).sample(cfg.n_samples, make_generator(cfg.seed + 300))
+            g_real = make_generator(cfg.seed + 300)
+            real = [get_distribution(name).sample(cfg.n_samples, g_real) for _ in range(DEFAULT_FLOOR_DRAWS)]
             sm = sample_metrics_with_floor(gen, real, test, seed=cfg.seed)
         else:
             sm = sample_metrics(gen, test, generator=make_generator(cfg.seed))

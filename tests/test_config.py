@@ -36,6 +36,7 @@ def test_project_params_validate_and_round_trip() -> None:
         ({"ebm": {"epochs": True}}, "ebm.epochs", "an integer"),
         ({"flow": {"lr": "fast"}}, "flow.lr", "a number"),
         ({"ddpm": {"beta2_start": 0.1, "beta2_end": 0.01}}, "ddpm.beta2_end", "beta2_start"),
+        ({"evaluate": {"floor_draws": 1}}, "evaluate.floor_draws", "an integer >= 2"),
         ({"data": {"points2d": {"name": "csv"}}}, "data.points2d.csv_path", "path to a CSV"),
         ({"nonsense": {}}, "nonsense", "is not a known key; the top-level sections are classifier, common"),
         ({"ebm": {"alpah": 1.0}}, "ebm.alpah", "is not a known key; the keys under 'ebm' are activation, alpha"),

@@ -34,6 +34,8 @@ TINY_EVAL: dict[str, Any] = {
 }
 
 POINT_KEYS = {"mmd", "energy_distance", "swd", "mmd_floor", "energy_distance_floor", "swd_floor"}
+POINT_KEYS |= {k + "_se" for k in POINT_KEYS if k.endswith("_floor")} | {"floor_draws"}
+POINT_KEYS |= {"mmd_floor_unconditional", "energy_distance_floor_unconditional"}
 ENTROPY_KEYS = {"true_entropy", "kl_gap", "sample_logp", "sample_logp_floor"}
 
 
@@ -67,6 +69,9 @@ def test_evaluate_2d_models(dvc_project) -> None:  # noqa: ANN001 - fixture from
             assert math.isfinite(m[f"baseline_{name}_{k}"]), (name, k)
     # The V-statistics are >= 0 and a real-vs-real floor is small (O(1/n + 1/m)); a 2-epoch model is above it.
     assert 0 < m["mmd_floor"] < m["mmd"] and 0 < m["energy_distance_floor"] < m["energy_distance"]
+    # Each floor is the mean over evaluate.floor_draws real draws, with its standard error.
+    assert m["floor_draws"] == 4
+    assert all(0 < m[k + "_floor_se"] < m[k + "_floor"] for k in ("mmd", "energy_distance", "swd"))
     # The test NLL in the metrics is the checkpoint's, recomputed through the library.
     from genmodels.flows.realnvp2d import load_trained, nll
 

@@ -20,7 +20,9 @@ from genmodels.metrics.sample import (
     energy_distance,
     mmd2,
     mmd2_and_energy,
+    null_floors,
     random_directions,
+    real_vs_real_floors,
     reference_sums,
     sample_metrics_with_floor,
     sliced_wasserstein2,
@@ -259,29 +261,113 @@ def test_statistics_are_non_negative_on_arbitrary_sets() -> None:
 
 def test_floor_of_two_real_draws_matches_null_expectation() -> None:
     """A perfect model on eight_gaussians: ``real`` and ``test`` drawn from the exact distribution.
-    The floors average (1/n + 1/m) E|X-X'| and (1/n + 1/m)(1 - E k(X,X')); E|X-X'| and E k(X,X')
-    come from a large independent Monte-Carlo over pairs, with its own standard error."""
+    Averaged over test sets, the floors (means of real draws against the test set) and the
+    closed-form ``*_floor_unconditional`` both reach the null expectations (1/n + 1/m) E|X-X'| and
+    (1/n + 1/m)(1 - E k(X,X')); E|X-X'| and E k(X,X') come from a large independent Monte-Carlo
+    over pairs, with its own standard error. The closed form scatters far less than one draw."""
     from genmodels.data.points2d import get_distribution
 
     dist = get_distribution("eight_gaussians")
-    n, m, reps, n_mc = 256, 384, 64, 400_000
+    n, m, reps, n_mc = 256, 384, 48, 400_000
     a, b = dist.sample(n_mc, gen(40)).double(), dist.sample(n_mc, gen(41)).double()
     dist_ab = (a - b).norm(dim=1)
     ker_ab = torch.stack([torch.exp(-(a - b).pow(2).sum(1) / (2 * h * h)) for h in DEFAULT_BANDWIDTHS]).mean(0)
     c = 1 / n + 1 / m
-    floors: dict[str, list[float]] = {"energy_distance_floor": [], "mmd_floor": []}
+    got: dict[str, list[float]] = {}
     for i in range(reps):
-        samples, real, test = (dist.sample(size, gen(500 + 3 * i + j)) for j, size in enumerate((n, n, m)))
-        out = sample_metrics_with_floor(samples, real, test, seed=i, n_projections=8)
-        for k in floors:
-            floors[k].append(out[k])
-    for k, terms in (("energy_distance_floor", dist_ab), ("mmd_floor", 1.0 - ker_ab)):
+        samples, r1, r2, test = (dist.sample(size, gen(500 + 4 * i + j)) for j, size in enumerate((n, n, n, m)))
+        out = sample_metrics_with_floor(samples, [r1, r2], test, seed=i, n_projections=8)
+        d_mmd, d_ed = mmd2_and_energy(r1, test)
+        for k, v in (("mmd_one_draw", d_mmd), ("energy_distance_one_draw", d_ed)):
+            got.setdefault(k, []).append(v)
+        for k in ("mmd", "energy_distance"):
+            for suffix in ("_floor", "_floor_unconditional"):
+                got.setdefault(k + suffix, []).append(out[k + suffix])
+    for k, terms in (("energy_distance", dist_ab), ("mmd", 1.0 - ker_ab)):
         expected = c * float(terms.mean())
         se_expected = c * float(terms.std() / math.sqrt(n_mc))
-        mean, se = mc_mean_se(floors[k])
-        assert min(floors[k]) > 0.0, k
-        assert abs(mean - expected) < 4 * math.hypot(se, se_expected), (k, mean, se, expected)
-        assert expected > 10 * se, k  # far from the U-statistic's 0
+        for suffix in ("_floor", "_floor_unconditional", "_one_draw"):
+            vals = got[k + suffix]
+            mean, se = mc_mean_se(vals)
+            assert min(vals) > 0.0, k
+            assert abs(mean - expected) < 4 * math.hypot(se, se_expected), (k, suffix, mean, se, expected)
+            assert expected > 10 * se, k  # far from the U-statistic's 0
+        assert np.std(got[k + "_floor_unconditional"]) < 0.25 * np.std(got[k + "_one_draw"]), k
+
+
+def test_floor_se_is_the_scatter_of_the_floor_given_the_test_set() -> None:
+    """One test set, 40 independent sets of K = 4 real draws: the floors scatter by their reported se."""
+    from genmodels.data.points2d import get_distribution
+
+    dist = get_distribution("eight_gaussians")
+    test = dist.sample(300, gen(80))
+    dirs = random_directions(16, 2, gen(81))
+    ref = reference_sums(test)
+    floors: dict[str, list[float]] = {}
+    for i in range(40):
+        out = real_vs_real_floors([dist.sample(200, gen(1000 + 4 * i + j)) for j in range(4)], ref, dirs)
+        for k in ("mmd", "energy_distance", "swd"):
+            floors.setdefault(k, []).append(out[k + "_floor"])
+            floors.setdefault(k + "_se", []).append(out[k + "_floor_se"])
+    for k in ("mmd", "energy_distance", "swd"):
+        ratio = float(np.mean(floors[k + "_se"])) / float(np.std(floors[k], ddof=1))
+        assert 0.65 < ratio < 1.5, (k, ratio)
+
+
+def test_floor_follows_an_atypical_test_set() -> None:
+    """Two far-apart Gaussians, equal weights; the test set holds 60/40 instead. A perfect model's
+    energy distance to it averages the floor (real draws vs the same test set), not the closed-form
+    expectation over test sets, which is several times lower."""
+
+    def draw(n: int, frac: float | None, g: torch.Generator) -> torch.Tensor:
+        k = int(round(frac * n)) if frac is not None else int(torch.rand(n, generator=g).lt(0.5).sum())
+        return torch.cat([gauss(k, (-3.0, 0.0), 0.5, g), gauss(n - k, (3.0, 0.0), 0.5, g)])
+
+    test = draw(400, 0.6, gen(90))
+    ref = reference_sums(test)
+    dirs = random_directions(8, 2, gen(91))
+    out = real_vs_real_floors([draw(300, None, gen(92 + j)) for j in range(8)], ref, dirs)
+    model = [mmd2_and_energy(draw(300, None, gen(200 + i)), test, ref=ref)[1] for i in range(24)]
+    mean, se = mc_mean_se(model)
+    floor, floor_se = out["energy_distance_floor"], out["energy_distance_floor_se"]
+    assert abs(mean - floor) < 4 * math.hypot(se, floor_se), (mean, se, floor, floor_se)
+    assert out["energy_distance_floor_unconditional"] < floor / 3
+
+
+def test_null_floors_closed_form_on_a_gaussian() -> None:
+    """N(0, s^2 I_2): X - X' ~ N(0, 2 s^2 I), so E|X-X'| = s sqrt(pi) (Rayleigh) and
+    E exp(-|X-X'|^2 / (2h^2)) = 1 / (1 + 2 s^2 / h^2). Each test set's floors lie within a few of
+    their own standard errors of the exact values."""
+    s, n, m = 0.8, 1000, 2000
+    c = 1 / n + 1 / m
+    exact_ed = c * s * math.sqrt(math.pi)
+    exact_mmd = c * (1.0 - float(np.mean([1.0 / (1.0 + 2 * s * s / (h * h)) for h in DEFAULT_BANDWIDTHS])))
+    z = []
+    for i in range(6):
+        ref = reference_sums(gauss(m, (0.0, 0.0), s, gen(700 + i)), chunk=300)
+        f = null_floors(ref, n)
+        for key, exact in (("energy_distance_floor", exact_ed), ("mmd_floor", exact_mmd)):
+            z.append((f[key] - exact) / f[key + "_se"])
+            assert abs(f[key] - exact) < 4.5 * f[key + "_se"], (key, f[key], exact, f[key + "_se"])
+            assert f[key + "_se"] < 0.05 * exact  # a usable reference: se a few % at m = 2000
+    # the pooled z-scores are standard-normal-ish (not all on one side, not too spread)
+    assert abs(float(np.mean(z))) < 1.5 and float(np.std(z)) < 2.0
+
+
+def test_reference_row_sums_match_brute_force() -> None:
+    """Row sums of the (symmetric, block-triangular) reference pass against scipy's full matrices."""
+    y = gauss(333, (0.1, -0.2), 1.1, gen(60))
+    ref = reference_sums(y, chunk=64)  # 333 = 5 full blocks + a ragged one
+    yn = y.numpy()
+    d = scipy.spatial.distance.cdist(yn, yn)
+    k = rbf_mean(yn, yn, DEFAULT_BANDWIDTHS)
+    np.testing.assert_allclose(ref.dist_rows.numpy(), d.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(ref.kernel_rows.numpy(), k.sum(1), rtol=1e-5)
+    assert float(ref.dist) == pytest.approx(float(ref.dist_rows.sum()), rel=1e-12)
+    assert float(ref.kernel) == pytest.approx(k.sum(), rel=1e-5)
+    # the V-statistics through these sums are unchanged
+    x = gauss(200, (0.0, 0.0), 1.0, gen(61))
+    assert mmd2_and_energy(x, y, ref=ref, chunk=64)[1] == pytest.approx(brute_energy(x.numpy(), yn), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- sliced Wasserstein
@@ -323,16 +409,43 @@ def test_swd_unequal_sizes_uses_quantiles() -> None:
 
 def test_floor_uses_same_directions_and_sizes() -> None:
     g = gen(11)
-    samples, real, test = gauss(300, (0.2, 0.0), 1.0, g), gauss(300, (0.0, 0.0), 1.0, g), gauss(350, (0.0, 0.0), 1.0, g)
-    out = sample_metrics_with_floor(samples, real, test, seed=5, n_projections=32)
+    samples, test = gauss(300, (0.2, 0.0), 1.0, g), gauss(350, (0.0, 0.0), 1.0, g)
+    reals = [gauss(300, (0.0, 0.0), 1.0, g) for _ in range(5)]
+    out = sample_metrics_with_floor(samples, reals, test, seed=5, n_projections=32)
     dirs = random_directions(32, 2, gen(5))
-    assert out["swd_floor"] == pytest.approx(sliced_wasserstein2(real, test, directions=dirs), rel=1e-12)
-    assert out["mmd_floor"] == pytest.approx(mmd2(real, test), rel=1e-12)
-    assert out["energy_distance_floor"] == pytest.approx(energy_distance(real, test), rel=1e-12)
+    # Each floor: the mean over the real draws of the same statistic against the same test set
+    # (SWD on the model's directions); se = sd / sqrt(K).
+    per_draw = {
+        "swd": np.array([sliced_wasserstein2(r, test, directions=dirs) for r in reals]),
+        "mmd": np.array([mmd2(r, test) for r in reals]),
+        "energy_distance": np.array([energy_distance(r, test) for r in reals]),
+    }
+    for k, v in per_draw.items():
+        assert out[k + "_floor"] == pytest.approx(v.mean(), rel=1e-9), k
+        assert out[k + "_floor_se"] == pytest.approx(v.std(ddof=1) / math.sqrt(5), rel=1e-6), k
+    assert out["swd"] == pytest.approx(sliced_wasserstein2(samples, test, directions=dirs), rel=1e-12)
+    # Closed-form expectations over test sets: (1/n + 1/m) x the U-statistic over the test set's
+    # distinct pairs (brute force).
+    tn = test.numpy()
+    c, m = 1 / 300 + 1 / 350, 350
+    d, k = scipy.spatial.distance.cdist(tn, tn), rbf_mean(tn, tn, DEFAULT_BANDWIDTHS)
+    assert out["energy_distance_floor_unconditional"] == pytest.approx(c * d.sum() / (m * (m - 1)), rel=1e-5)
+    assert out["mmd_floor_unconditional"] == pytest.approx(c * (1 - (k.sum() - m) / (m * (m - 1))), rel=1e-5)
+    assert out["mmd"] == pytest.approx(mmd2(samples, test), rel=1e-12)
     assert out["energy_distance"] == pytest.approx(energy_distance(samples, test), rel=1e-12)
-    assert set(out) == {"mmd", "energy_distance", "swd", "mmd_floor", "energy_distance_floor", "swd_floor"}
+    floors = {"mmd_floor", "energy_distance_floor", "swd_floor"}
+    assert set(out) == {"mmd", "energy_distance", "swd"} | floors | {f + "_se" for f in floors} | {
+        "mmd_floor_unconditional",
+        "energy_distance_floor_unconditional",
+    }
+    # One (n, D) draw, a (K, n, D) stack and a list give the same floors; one draw has no se.
+    one = sample_metrics_with_floor(samples, reals[0], test, seed=5, n_projections=32)
+    assert one["swd_floor"] == pytest.approx(per_draw["swd"][0], rel=1e-12) and math.isnan(one["swd_floor_se"])
+    assert sample_metrics_with_floor(samples, torch.stack(reals), test, seed=5, n_projections=32) == out
     with pytest.raises(ValueError, match="same size"):
-        sample_metrics_with_floor(samples, real[:10], test, seed=5)
+        sample_metrics_with_floor(samples, reals[0][:10], test, seed=5)
+    with pytest.raises(ValueError, match="same size"):
+        real_vs_real_floors([reals[0], reals[1][:10]], reference_sums(test), dirs)
 
 
 # ----------------------------------------------------------------------------- AUROC / ROC

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from genmodels.configs.base import check, in_open_unit, non_negative, positive
-from genmodels.metrics.sample import DEFAULT_BANDWIDTHS, DEFAULT_PROJECTIONS
+from genmodels.metrics.sample import DEFAULT_BANDWIDTHS, DEFAULT_FLOOR_DRAWS, DEFAULT_PROJECTIONS
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class EvaluateConfig:
             for their floors).
         mmd_bandwidths: RBF widths of the MMD kernel (mean of RBFs), data units.
         swd_projections: random directions of the sliced Wasserstein distance.
+        floor_draws: independent real draws of ``n_samples`` points whose mean metrics against
+            the test set are the floors (``*_floor``, with ``*_floor_se``); the first draw also
+            gives ``sample_logp_floor``.
         n_fid: generated images for the FID (the real sides use all held-out images; the
             floor compares the same number of training images with them).
         kde_max_centers: training points kept as KDE centres (seeded subset).
@@ -73,6 +76,7 @@ class EvaluateConfig:
     n_samples: int = 16384
     mmd_bandwidths: tuple[float, ...] = DEFAULT_BANDWIDTHS
     swd_projections: int = DEFAULT_PROJECTIONS
+    floor_draws: int = DEFAULT_FLOOR_DRAWS
     n_fid: int = 1000
     kde_max_centers: int = 16384
     kde_grid: int = 13
@@ -92,6 +96,12 @@ class EvaluateConfig:
             "a number in (0, 0.5)",
         )
         check(self.n_samples >= 2, f"{prefix}.n_samples", self.n_samples, "an integer >= 2")
+        check(
+            self.floor_draws >= 2,
+            f"{prefix}.floor_draws",
+            self.floor_draws,
+            "an integer >= 2 (a floor's standard error needs two draws)",
+        )
         check(
             len(self.mmd_bandwidths) > 0 and all(h > 0 for h in self.mmd_bandwidths),
             f"{prefix}.mmd_bandwidths",
