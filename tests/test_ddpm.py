@@ -202,6 +202,12 @@ def test_resume_gives_identical_weights(tmp_path: Path, t_sampling: str) -> None
     assert ref.history.to_csv() == res.history.to_csv()
 
 
+def _stop_at_2(epoch: int, metrics: object) -> None:
+    """``on_epoch`` that interrupts a run after its second epoch (a kill between epochs)."""
+    if epoch == 2:
+        raise KeyboardInterrupt
+
+
 def test_resume_state_without_the_ema_count_is_ignored(tmp_path: Path) -> None:
     """A resume file from before the EMA warm-up (no ``ema_updates``) is stale: the run starts
     afresh and ends where an uninterrupted run ends, instead of failing on the missing key."""
@@ -209,12 +215,8 @@ def test_resume_state_without_the_ema_count_is_ignored(tmp_path: Path) -> None:
     ref = train_ddpm(TINY, train, val)
     resume = tmp_path / "resume.pt"
 
-    def stop_at_2(epoch: int, metrics: object) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_ddpm(TINY, train, val, resume_path=resume, on_epoch=stop_at_2)
+        train_ddpm(TINY, train, val, resume_path=resume, on_epoch=_stop_at_2)
     old = torch.load(resume, weights_only=True)
     del old["ema_updates"]
     torch.save(old, resume)
@@ -228,12 +230,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_state(tmp_pat
     train, val = _data(512, 0), _data(256, 1)
     resume = tmp_path / "resume.pt"
 
-    def stop_at_2(epoch: int, metrics: object) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_ddpm(TINY, train, val, resume_path=resume, on_epoch=stop_at_2)
+        train_ddpm(TINY, train, val, resume_path=resume, on_epoch=_stop_at_2)
     before = resume.read_bytes()
     bad = train.clone()
     bad[5, 0] = float("nan")
