@@ -324,11 +324,16 @@ def test_forward_at_bfloat16_rounds_exactly_where_it_says() -> None:
                 h = bf(F.silu(h @ bf(layer.weight).T + b))
             emu = bf(h @ bf(exact_net.out.weight).T + bf(exact_net.out.bias))
         ulp = float(2.0**-8 * emu.abs().max())  # one bfloat16 step at the largest output
-        err_emu = float((fast.double() - emu).abs().max())
-        err_exact = float((fast.double() - exact).abs().max())
-        # measured: 0 against the emulation, 2.1-3.3 steps against the exact network
-        assert err_emu <= ulp / 4, (t, err_emu, ulp)
-        assert err_exact > ulp, (t, err_exact, ulp)
+        d_emu, d_exact = (fast.double() - emu).abs(), (fast.double() - exact).abs()
+        # The kernel accumulates each product in float32, in its own order (AMX tiles and
+        # AVX512-BF16 differ), so an activation within a float32 rounding of a bfloat16 tie
+        # may round the other way: a rare output then moves by one bfloat16 step. Measured:
+        # AMX 0 differing outputs of 2000; AVX512-BF16 without AMX 1 of 2000 (t = 17, one step),
+        # against the exact network 2.1-3.3 steps at the maximum and 0.09-0.19 on average.
+        assert float((d_emu > 0).double().mean()) <= 0.01, (t, d_emu)
+        assert float(d_emu.max()) <= ulp, (t, float(d_emu.max()), ulp)
+        assert float(d_exact.max()) > ulp, (t, float(d_exact.max()), ulp)
+        assert float(d_emu.mean()) <= float(d_exact.mean()) / 100, (t, float(d_emu.mean()), float(d_exact.mean()))
 
 
 def test_sampling_dtype_choice() -> None:
