@@ -83,8 +83,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-        nll, nll_se = mean_nll(res.model, splits.test.to(device))
-        gap = nll - h
+        test_nll, nll_se = mean_nll(res.model, splits.test.to(device))
+        gap = test_nll - h
         if args.save_dir is not None:
             args.save_dir.mkdir(parents=True, exist_ok=True)
             torch.save(res.model.state_dict(), args.save_dir / f"realnvp2d_{name}.pt")
@@ -92,7 +92,7 @@ def main() -> None:
         kl_pop, kl_pop_se = paired_kl(res.model, dist, dist.sample(N_POP, torch.Generator().manual_seed(7)), device)
         kl_test, kl_test_se = paired_kl(res.model, dist, splits.test, device)
         ok = "yes" if gap <= GOALS[name] else "NO"
-        row = f"{name:<16}{nll:>10.4f}{h:>10.4f}{h_se:>8.4f}{gap:>9.4f}{nll_se:>8.4f}{GOALS[name]:>6.2f}{ok:>4}"
+        row = f"{name:<16}{test_nll:>10.4f}{h:>10.4f}{h_se:>8.4f}{gap:>9.4f}{nll_se:>8.4f}{GOALS[name]:>6.2f}{ok:>4}"
         row += f"{res.epochs_run:>8}{res.best_epoch:>6}{secs:>9.1f}"
         row += f"{kl_pop:>9.4f}{kl_pop_se:>8.4f}{kl_test:>9.4f}{kl_test_se:>8.4f}"
         rows.append(row)
