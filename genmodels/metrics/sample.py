@@ -36,7 +36,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -119,16 +119,18 @@ def _pair_sums(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor], chunk: int)
     return total
 
 
-def _kernel_sum(bandwidths: Sequence[float]) -> Callable[[Tensor], Tensor]:
-    """``d2 -> sum over the block of the mean RBF kernel`` (float64); overwrites ``d2``."""
+def _bandwidth_kernels(bandwidths: Sequence[float]) -> tuple[Callable[[Tensor], Iterator[Tensor]], int]:
+    """``(kernels, n)``: ``kernels(d2)`` yields the RBF kernel ``exp(-d2 / (2 h^2))`` of a block's
+    squared distances (float32, ``d2``'s shape) for each of the ``n`` bandwidths, largest first;
+    it overwrites ``d2``, and each tensor is only valid until the next one is drawn."""
     if not bandwidths or min(bandwidths) <= 0:
         raise ValueError(f"mmd2 needs positive bandwidths, got {tuple(bandwidths)}")
     hs = sorted((float(h) for h in bandwidths), reverse=True)
 
-    def kern(d2: Tensor) -> Tensor:
+    def kernels(d2: Tensor) -> Iterator[Tensor]:
         scaled = d2.mul_(-1.0 / (2.0 * hs[0] ** 2))  # -d^2 / (2 h_max^2), in place
         k = torch.exp(scaled)
-        total = k.sum(dtype=torch.float64)
+        yield k
         for prev, h in zip(hs, hs[1:]):
             if prev == 2.0 * h:
                 # Halving h raises the kernel to the 4th power: two squarings instead of an exp.
@@ -136,8 +138,21 @@ def _kernel_sum(bandwidths: Sequence[float]) -> Callable[[Tensor], Tensor]:
                 k.mul_(k)
             else:
                 k = torch.exp(scaled * (hs[0] / h) ** 2)
+            yield k
+
+    return kernels, len(hs)
+
+
+def _kernel_sum(bandwidths: Sequence[float]) -> Callable[[Tensor], Tensor]:
+    """``d2 -> sum over the block of the mean RBF kernel`` (float64); overwrites ``d2``."""
+    kernels, n = _bandwidth_kernels(bandwidths)
+
+    def kern(d2: Tensor) -> Tensor:
+        ks = kernels(d2)
+        total = next(ks).sum(dtype=torch.float64)
+        for k in ks:
             total = total + k.sum(dtype=torch.float64)
-        return total / len(hs)
+        return total / n
 
     return kern
 
@@ -170,25 +185,18 @@ class ReferenceSums(NamedTuple):
 def _kernel_row_sums(bandwidths: Sequence[float]) -> Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]:
     """``(d2, cols) -> (row sums, column sums or None)`` of the block's mean-RBF kernel, float64,
     each bandwidth's kernel reduced in float64 as :func:`_kernel_sum` does; overwrites ``d2``."""
-    if not bandwidths or min(bandwidths) <= 0:
-        raise ValueError(f"mmd2 needs positive bandwidths, got {tuple(bandwidths)}")
-    hs = sorted((float(h) for h in bandwidths), reverse=True)
+    kernels, n = _bandwidth_kernels(bandwidths)
 
     def kern(d2: Tensor, cols: bool) -> tuple[Tensor, Tensor | None]:
-        scaled = d2.mul_(-1.0 / (2.0 * hs[0] ** 2))
-        k = torch.exp(scaled)
+        ks = kernels(d2)
+        k = next(ks)
         rows = k.sum(1, dtype=torch.float64)
         colsum = k.sum(0, dtype=torch.float64) if cols else None
-        for prev, h in zip(hs, hs[1:]):
-            if prev == 2.0 * h:
-                k = k * k
-                k.mul_(k)
-            else:
-                k = torch.exp(scaled * (hs[0] / h) ** 2)
+        for k in ks:
             rows += k.sum(1, dtype=torch.float64)
             if colsum is not None:
                 colsum += k.sum(0, dtype=torch.float64)
-        return rows / len(hs), (colsum / len(hs) if colsum is not None else None)
+        return rows / n, (colsum / n if colsum is not None else None)
 
     return kern
 
