@@ -77,7 +77,8 @@ def main() -> None:
     rows = []
     for name in args.sets:
         splits = make_splits(name, data_cfg.n_train, data_cfg.n_val, data_cfg.n_test, data_cfg.seed)
-        h, h_se = get_distribution(name).entropy()
+        dist = get_distribution(name)
+        h, h_se = dist.entropy()
         t0 = time.perf_counter()
         res = train_realnvp2d(cfg, splits.train, splits.val, device=device)
         if device.type == "cuda":
@@ -88,7 +89,6 @@ def main() -> None:
         if args.save_dir is not None:
             args.save_dir.mkdir(parents=True, exist_ok=True)
             torch.save(res.model.state_dict(), args.save_dir / f"realnvp2d_{name}.pt")
-        dist = get_distribution(name)
         kl_pop, kl_pop_se = paired_kl(res.model, dist, dist.sample(N_POP, torch.Generator().manual_seed(7)), device)
         kl_test, kl_test_se = paired_kl(res.model, dist, splits.test, device)
         ok = "yes" if gap <= GOALS[name] else "NO"
