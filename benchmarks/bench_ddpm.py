@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=16384)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--elbo-points", type=int, default=1024, help="full ELBO on this many points (x L steps)")
-    ap.add_argument("--strided", type=int, nargs="*", default=[100, 250])
+    ap.add_argument("--strided", type=int, nargs="*", default=[100, 250, 500])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto")
