@@ -60,7 +60,7 @@ class DDPMConfig:
     min_delta: float = 0.0
     ema_decay: float = 0.9995
     t_sampling: Literal["importance", "uniform"] = "importance"
-    sampling_steps: int = 100
+    sampling_steps: int = 500
     sampling_eta: float = 1.0
     sampling_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     elbo_points: int = 4096
