@@ -9,7 +9,9 @@ One function per model returns an :class:`Evaluation` (flat metrics dict + ROC c
   same test set -- what a perfect model gets on average -- estimated by the mean over
   ``evaluate.floor_draws`` real draws, with ``*_floor_se``
   (:func:`genmodels.metrics.sample.real_vs_real_floors`; ``sample_logp_floor`` and the FID's
-  floor are one real draw). ``baseline_<name>_<metric>``: the metric of a
+  floor are one real draw). The 2D models' and baselines' own sample metrics are means over
+  ``evaluate.sample_draws`` generated draws of the same size, with ``*_se``.
+  ``baseline_<name>_<metric>``: the metric of a
   full-covariance Gaussian (``gaussian``) and a validation-tuned KDE (``kde``) fitted on the
   same training data (and, for images, in the image flow's logit space, Jacobians included).
 * Every random draw comes from a generator seeded with ``evaluate.seed`` plus a fixed offset
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -78,8 +80,17 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def _gen(cfg: EvaluateConfig, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
-    return make_generator(cfg.seed + SEED_OFFSETS[purpose], device)
+DRAW_SEED_STRIDE = 1000
+"""Draw ``k`` of a purpose with several draws (``evaluate.sample_draws``) is seeded ``k * DRAW_SEED_STRIDE``
+above draw 0, clear of every other purpose's offset; draw 0 is the purpose's own seed."""
+
+
+def _seed(cfg: EvaluateConfig, purpose: str, draw: int = 0) -> int:
+    return cfg.seed + SEED_OFFSETS[purpose] + DRAW_SEED_STRIDE * draw
+
+
+def _gen(cfg: EvaluateConfig, purpose: str, device: torch.device | str = "cpu", draw: int = 0) -> torch.Generator:
+    return make_generator(_seed(cfg, purpose, draw), device)
 
 
 def _mean_se(values: Tensor) -> tuple[float, float]:
@@ -166,30 +177,44 @@ def _sample_block(
     ev: Evaluation,
     prefix: str,
     suffix: str,
-    samples: Tensor,
+    draws: Sequence[Tensor],
     points: Points,
     cfg: EvaluateConfig,
     ruler: _Ruler,
     device: torch.device,
 ) -> None:
-    """mmd / energy_distance / swd (and ``sample_logp`` with an exact density) of ``samples`` vs test."""
-    # The pairwise sums run on ``device`` (a GPU makes 16,384^2 pairs cheap); the exact density on the CPU.
-    s = samples.detach().float().to(device)
-    if not bool(torch.isfinite(s).all()):
-        # A diverged sampler: the distances would be NaN anyway; say so instead of crashing.
-        n_bad = int((~torch.isfinite(s)).any(1).sum())
-        ev.notes.append(f"{prefix or 'model '}samples{suffix}: {n_bad} non-finite points; sample metrics are NaN")
-        for k in ("mmd", "energy_distance", "swd", "sample_logp"):
-            ev.metrics[f"{prefix}{k}{suffix}"] = float("nan")
-        return
-    mmd, ed = mmd2_and_energy(s, ruler.test, cfg.mmd_bandwidths, ref=ruler.ref)
-    ev.metrics[f"{prefix}mmd{suffix}"] = mmd
-    ev.metrics[f"{prefix}energy_distance{suffix}"] = ed
-    ev.metrics[f"{prefix}swd{suffix}"] = sliced_wasserstein2(
-        s, ruler.test, directions=ruler.directions, y_sorted=ruler.test_sorted
-    )
+    """mmd / energy_distance / swd (and ``sample_logp`` with an exact density) of sample ``draws``
+    (each (n, 2)) vs test: the mean over the draws, and with more than one draw its standard
+    error (``<prefix><metric><suffix>_se``).
+
+    The floors are means over ``evaluate.floor_draws`` real draws; one generated draw scatters as
+    much as one real draw does (pinwheel's full chain: ED 7.83e-4, 5.03e-4, 1.77e-4 for three
+    noise seeds), so a model is measured the same way: ``evaluate.sample_draws`` draws.
+    """
+    values: dict[str, list[float]] = {"mmd": [], "energy_distance": [], "swd": []}
     if points.distribution is not None:
-        ev.metrics[f"{prefix}sample_logp{suffix}"] = float(points.distribution.log_prob(s.cpu()).double().mean())
+        values["sample_logp"] = []
+    for samples in draws:
+        # The pairwise sums run on ``device`` (a GPU makes 16,384^2 pairs cheap); the exact density on the CPU.
+        s = samples.detach().float().to(device)
+        if not bool(torch.isfinite(s).all()):
+            # A diverged sampler: the distances would be NaN anyway; say so instead of crashing.
+            n_bad = int((~torch.isfinite(s)).any(1).sum())
+            ev.notes.append(f"{prefix or 'model '}samples{suffix}: {n_bad} non-finite points; sample metrics are NaN")
+            for k in ("mmd", "energy_distance", "swd", "sample_logp"):
+                ev.metrics[f"{prefix}{k}{suffix}"] = float("nan")
+            return
+        mmd, ed = mmd2_and_energy(s, ruler.test, cfg.mmd_bandwidths, ref=ruler.ref)
+        values["mmd"].append(mmd)
+        values["energy_distance"].append(ed)
+        values["swd"].append(sliced_wasserstein2(s, ruler.test, directions=ruler.directions, y_sorted=ruler.test_sorted))
+        if points.distribution is not None:
+            values["sample_logp"].append(float(points.distribution.log_prob(s.cpu()).double().mean()))
+    for k, v in values.items():
+        mean, se = _mean_se(torch.tensor(v, dtype=torch.float64))
+        ev.metrics[f"{prefix}{k}{suffix}"] = mean
+        if len(v) > 1:
+            ev.metrics[f"{prefix}{k}{suffix}_se"] = se
 
 
 class _Ruler(NamedTuple):
@@ -223,6 +248,7 @@ def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: 
         {
             "n_samples": n,
             "floor_draws": cfg.floor_draws,
+            "sample_draws": cfg.sample_draws,
             "n_train": int(points.train.shape[0]),
             "n_val": int(points.val.shape[0]),
             "n_test": int(points.test.shape[0]),
@@ -235,7 +261,8 @@ def _points_common(ev: Evaluation, points: Points, cfg: EvaluateConfig, device: 
         ev.metrics["true_entropy"] = points.true_entropy
         ev.metrics["true_entropy_se"] = points.true_entropy_se
     ev.notes.append(
-        f"sample metrics: {n} generated points vs {points.test.shape[0]} test points; floors: mean of "
+        f"sample metrics: mean over {cfg.sample_draws} draws of {n} generated points vs {points.test.shape[0]} "
+        f"test points; floors: mean of "
         f"{cfg.floor_draws} draws of {n} points from the {source.replace('_', ' ')} vs the same test points "
         f"(*_floor_unconditional: the closed-form expectation over test sets too)"
     )
@@ -257,8 +284,8 @@ def _points_baselines(ev: Evaluation, points: Points, cfg: EvaluateConfig, ruler
     for name, model in (("gaussian", gauss), ("kde", kde)):
         prefix = f"baseline_{name}_"
         _nll_block(ev, prefix, -model.log_prob(points.test), points, nll_key="test_nll", gap_key="kl_gap")
-        samples = model.sample(cfg.n_samples, _gen(cfg, name))
-        _sample_block(ev, prefix, "", samples, points, cfg, ruler, device)
+        draws = [model.sample(cfg.n_samples, _gen(cfg, name, draw=k)) for k in range(cfg.sample_draws)]
+        _sample_block(ev, prefix, "", draws, points, cfg, ruler, device)
     ev.notes.append(
         f"baselines: full-covariance Gaussian (ridge {cfg.gaussian_ridge}) and KDE (bandwidth {kde.bandwidth:.4g} "
         f"chosen on {points.val.shape[0]} validation points from {len(record['bandwidths'])} candidates, "
@@ -279,8 +306,8 @@ def evaluate_realnvp2d(model: nn.Module, points: Points, cfg: EvaluateConfig, de
     ev = Evaluation()
     ruler = _points_common(ev, points, cfg, device)
     _nll_block(ev, "", nll(model, points.test.to(device)).cpu(), points, nll_key="test_nll", gap_key="kl_gap")
-    samples = sample(model, cfg.n_samples, seed=cfg.seed + SEED_OFFSETS["samples"])
-    _sample_block(ev, "", "", samples, points, cfg, ruler, device)
+    draws = [sample(model, cfg.n_samples, seed=_seed(cfg, "samples", k)) for k in range(cfg.sample_draws)]
+    _sample_block(ev, "", "", draws, points, cfg, ruler, device)
     _points_baselines(ev, points, cfg, ruler, device)
     return ev
 
@@ -322,11 +349,17 @@ def evaluate_ddpm(
     n_steps = int(model.n_steps)
     ev.metrics["sampling_steps_full"] = n_steps
     ev.metrics["sampling_steps_strided"] = steps
-    full = sample_ancestral(model, cfg.n_samples, generator=_gen(cfg, "samples", device), precision=prec)
+    full = [
+        sample_ancestral(model, cfg.n_samples, generator=_gen(cfg, "samples", device, k), precision=prec)
+        for k in range(cfg.sample_draws)
+    ]
     _sample_block(ev, "", "", full, points, cfg, ruler, device)
-    strided = sample_strided(
-        model, cfg.n_samples, sampling_steps=steps, generator=_gen(cfg, "strided", device), precision=prec
-    )
+    strided = [
+        sample_strided(
+            model, cfg.n_samples, sampling_steps=steps, generator=_gen(cfg, "strided", device, k), precision=prec
+        )
+        for k in range(cfg.sample_draws)
+    ]
     _sample_block(ev, "", "_strided", strided, points, cfg, ruler, device)
     # Timing on a separate, smaller draw so it measures the sampler, not the metric code.
     k = cfg.timing_points

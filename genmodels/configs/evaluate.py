@@ -59,6 +59,9 @@ class EvaluateConfig:
         floor_draws: independent real draws of ``n_samples`` points whose mean metrics against
             the test set are the floors (``*_floor``, with ``*_floor_se``); the first draw also
             gives ``sample_logp_floor``.
+        sample_draws: generated draws of ``n_samples`` points (2D models and baselines) whose
+            mean metrics are reported (with ``*_se`` when > 1): one draw scatters as much as
+            one real draw, so model and floor are both means.
         n_fid: generated images for the FID (the real sides use all held-out images; the
             floor compares the same number of training images with them).
         kde_max_centers: training points kept as KDE centres (seeded subset).
@@ -77,6 +80,7 @@ class EvaluateConfig:
     mmd_bandwidths: tuple[float, ...] = DEFAULT_BANDWIDTHS
     swd_projections: int = DEFAULT_PROJECTIONS
     floor_draws: int = DEFAULT_FLOOR_DRAWS
+    sample_draws: int = DEFAULT_FLOOR_DRAWS
     n_fid: int = 1000
     kde_max_centers: int = 16384
     kde_grid: int = 13
@@ -87,7 +91,7 @@ class EvaluateConfig:
     seed: int = 0
 
     def validate(self, prefix: str) -> None:
-        positive(prefix, self, "n_samples", "swd_projections", "n_fid", "kde_max_centers", "kde_grid", "timing_points")
+        positive(prefix, self, "n_samples", "sample_draws", "swd_projections", "n_fid", "kde_max_centers", "kde_grid", "timing_points")
         non_negative(prefix, self, "gaussian_ridge", "nll_bound_points")
         check(
             0 < self.image_logit_lambda < 0.5,
