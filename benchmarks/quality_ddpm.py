@@ -113,7 +113,11 @@ def run_one(
         for k in range(sample_draws):
             t2 = time.perf_counter()
             gen = sample(
-                res.model, N_SAMPLES, sampling_steps=steps, eta=cfg.sampling_eta, generator=make_generator(2 + k, device)
+                res.model,
+                N_SAMPLES,
+                sampling_steps=steps,
+                eta=cfg.sampling_eta,
+                generator=make_generator(2 + k, device),
             ).cpu()
             secs.append(time.perf_counter() - t2)
             eds.append(mmd2_and_energy(gen, sp.test, ref=ref)[1])

@@ -35,7 +35,9 @@ def _model() -> torch.nn.Module:
 
 
 def _cfg(draws: int) -> EvaluateConfig:
-    return EvaluateConfig(n_samples=300, swd_projections=16, floor_draws=2, sample_draws=draws, kde_max_centers=256, kde_grid=5)
+    return EvaluateConfig(
+        n_samples=300, swd_projections=16, floor_draws=2, sample_draws=draws, kde_max_centers=256, kde_grid=5
+    )
 
 
 def test_sample_metrics_are_the_mean_and_se_over_draws() -> None:
@@ -47,7 +49,8 @@ def test_sample_metrics_are_the_mean_and_se_over_draws() -> None:
     # Independently: each draw from its own seed, scored against the test split.
     test = points.test.float()
     ref = reference_sums(test, cfg.mmd_bandwidths)
-    directions = random_directions(cfg.swd_projections, 2, torch.Generator().manual_seed(cfg.seed + SEED_OFFSETS["directions"]))
+    g_dir = torch.Generator().manual_seed(cfg.seed + SEED_OFFSETS["directions"])
+    directions = random_directions(cfg.swd_projections, 2, g_dir)
     per: dict[str, list[float]] = {"mmd": [], "energy_distance": [], "swd": [], "sample_logp": []}
     for k in range(3):
         x = sample(model, cfg.n_samples, seed=cfg.seed + SEED_OFFSETS["samples"] + DRAW_SEED_STRIDE * k)
@@ -69,7 +72,8 @@ def test_one_draw_is_the_first_draw_and_has_no_se() -> None:
     one = evaluate_realnvp2d(model, points, _cfg(1), torch.device("cpu")).metrics
     x = sample(model, 300, seed=SEED_OFFSETS["samples"])
     test = points.test.float()
-    assert one["energy_distance"] == pytest.approx(mmd2_and_energy(x, test, EvaluateConfig().mmd_bandwidths)[1], rel=1e-9)
+    ed = mmd2_and_energy(x, test, EvaluateConfig().mmd_bandwidths)[1]
+    assert one["energy_distance"] == pytest.approx(ed, rel=1e-9)
     for key in ("mmd", "energy_distance", "swd", "sample_logp", "baseline_kde_swd", "baseline_gaussian_mmd"):
         assert key in one and key + "_se" not in one, key
     # The floors do not depend on the number of generated draws.
