@@ -126,7 +126,6 @@ def run_one(
         for key, vals in (("energy_distance", eds), ("swd", swds)):
             row[f"{label}_{key}"] = statistics.fmean(vals)
             row[f"{label}_{key}_se"] = statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else float("nan")
-            row[f"{label}_{key}_first"] = vals[0]
     return row
 
 
