@@ -76,6 +76,24 @@ def test_checkerboard_entropy_is_log_8() -> None:
     assert get_distribution("checkerboard").entropy() == (math.log(8), 0.0)
 
 
+def test_checkerboard_edges_belong_to_the_dark_squares() -> None:
+    """A point on a cell edge or corner is inside exactly when a dark square touches it: the OR of
+    the four points nudged diagonally off it, which lie strictly inside cells (no tie to break)."""
+    d = get_distribution("checkerboard")
+    ticks = torch.arange(-10, 11, dtype=torch.float64) / 4  # -2.5 .. 2.5: integers, cell interiors, outside
+    gx, gy = torch.meshgrid(ticks, ticks, indexing="ij")
+    pts = torch.stack([gx.flatten(), gy.flatten()], dim=1)
+    eps = 1e-6
+    nudged = torch.stack([d.inside(pts + eps * torch.tensor([sx, sy])) for sx in (-1, 1) for sy in (-1, 1)])
+    interior = (pts.frac() != 0).all(dim=1)  # cell interiors: the point's own cell decides, as before
+    expected = torch.where(interior, d.inside(pts + eps), nudged.any(dim=0))
+    assert torch.equal(d.inside(pts), expected)
+    assert torch.isfinite(d.log_prob(pts[expected])).all()
+    # the float32 sample that used to score -inf: x1 = -1 - 1e-9 rounds onto the edge x1 = -1
+    edge = torch.tensor([[-1.0 - 1e-9, 0.3947817385196686]], dtype=torch.float64)
+    assert bool(d.inside(edge)) and bool(d.inside(edge.float()))
+
+
 @pytest.mark.parametrize(("curve", "sigma", "panels", "kw"), [
     (P._moons_curve, 0.2, 16, {}),
     (P._spirals_curve, 0.1, 64, {"log_rho": lambda s: torch.log(2 * s), "s_from_u": torch.sqrt}),

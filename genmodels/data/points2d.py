@@ -188,11 +188,25 @@ class Checkerboard(Distribution2D):
 
     @staticmethod
     def inside(x: Tensor) -> Tensor:
-        """Boolean ``(B,)``: the point lies on a dark square."""
+        """Boolean ``(B,)``: the point lies on a closed dark square.
+
+        The squares are closed: a point on an edge or corner counts as inside when any square it
+        touches is dark. Edges have measure zero, but a float32 sample can land exactly on one
+        (``sample`` draws in float64 and rounds, e.g. x1 = -1 - 1e-9 becomes -1.0), and with
+        half-open squares such a point would get ``-inf`` from the light square next door.
+        """
         x = x.to(torch.float64)
         in_box = (x.abs() <= 2).all(dim=1)
-        parity = (torch.floor(x[:, 0]) + torch.floor(x[:, 1])) % 2 == 0
-        return in_box & parity
+        cell = torch.floor(x)
+        dark = torch.zeros_like(in_box)
+        # the squares a point touches: its own cell, and the one below/left along an integer coordinate
+        for dx in (0, 1):
+            for dy in (0, 1):
+                c = cell - torch.tensor([dx, dy], dtype=x.dtype)
+                touches = ((x[:, 0] == cell[:, 0]) | (dx == 0)) & ((x[:, 1] == cell[:, 1]) | (dy == 0))
+                on_board = ((c >= -2) & (c <= 1)).all(dim=1)
+                dark |= touches & on_board & ((c[:, 0] + c[:, 1]) % 2 == 0)
+        return in_box & dark
 
     def log_prob(self, x: Tensor) -> Tensor:
         inside = self.inside(x)
