@@ -24,7 +24,6 @@ the test split's ``mean(-log p) - H``).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,23 +39,17 @@ from genmodels.configs.data import POINTS2D_NAMES, Points2DConfig  # noqa: E402
 from genmodels.configs.realnvp2d import RealNVP2DConfig  # noqa: E402
 from genmodels.data.points2d import Distribution2D, get_distribution, make_splits  # noqa: E402
 from genmodels.flows.realnvp2d import nll, train_realnvp2d  # noqa: E402
-from genmodels.training import resolve_device  # noqa: E402
+from genmodels.training import mean_and_se, resolve_device  # noqa: E402
 
 GOALS = {name: (0.10 if name == "checkerboard" else 0.03) for name in POINTS2D_NAMES}
 N_POP = 1 << 20
-
-
-def mean_se(v: torch.Tensor) -> tuple[float, float]:
-    """Mean of ``v`` (N,) and its standard error ``std / sqrt(N)``, in float64."""
-    v = v.double()
-    return float(v.mean()), float(v.std(unbiased=True) / math.sqrt(v.numel()))
 
 
 def paired_kl(dist: Distribution2D, x: torch.Tensor, nll_x: torch.Tensor) -> tuple[float, float]:
     """``mean(log p(x) - log q(x))`` over the points ``x`` (N, 2) drawn from ``p``, given the
     model's ``nll_x = -log q(x)`` (N,), and its standard error: an unbiased estimate of
     ``KL(p || q)`` (float64 sums)."""
-    return mean_se(dist.log_prob(x).double() + nll_x.double().cpu())
+    return mean_and_se(dist.log_prob(x).double() + nll_x.double().cpu())
 
 
 def main() -> None:
@@ -92,7 +85,7 @@ def main() -> None:
         secs = time.perf_counter() - t0
         # -log q of the test split once: its mean is the test NLL, and it enters the paired KL
         test_q = nll(res.model, splits.test.to(device)).cpu()
-        test_nll, nll_se = mean_se(test_q)
+        test_nll, nll_se = mean_and_se(test_q)
         gap = test_nll - h
         if args.save_dir is not None:
             args.save_dir.mkdir(parents=True, exist_ok=True)

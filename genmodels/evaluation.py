@@ -44,7 +44,7 @@ from genmodels.metrics.sample import (
     sliced_wasserstein2,
     sorted_projections,
 )
-from genmodels.training import make_generator
+from genmodels.training import make_generator, mean_and_se
 
 SEED_OFFSETS = {
     "samples": 0,
@@ -91,12 +91,6 @@ def _seed(cfg: EvaluateConfig, purpose: str, draw: int = 0) -> int:
 
 def _gen(cfg: EvaluateConfig, purpose: str, device: torch.device | str = "cpu", draw: int = 0) -> torch.Generator:
     return make_generator(_seed(cfg, purpose, draw), device)
-
-
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    v = values.detach().to(torch.float64).cpu()
-    se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
-    return float(v.mean()), se
 
 
 def _thin(fpr: Tensor, tpr: Tensor, max_points: int = ROC_MAX_POINTS) -> tuple[Tensor, Tensor]:
@@ -165,7 +159,7 @@ def _real_draws(points: Points, n: int, cfg: EvaluateConfig) -> tuple[list[Tenso
 
 def _nll_block(ev: Evaluation, prefix: str, nll: Tensor, points: Points, *, nll_key: str, gap_key: str) -> None:
     """``<prefix><nll_key>`` (+ ``_se``) and, with an exact density, ``<prefix><gap_key>`` = NLL - H."""
-    mean, se = _mean_se(nll)
+    mean, se = mean_and_se(nll)
     ev.metrics[prefix + nll_key] = mean
     ev.metrics[prefix + nll_key + "_se"] = se
     if points.true_entropy is not None:
@@ -211,7 +205,7 @@ def _sample_block(
         if points.distribution is not None:
             values["sample_logp"].append(float(points.distribution.log_prob(s.cpu()).double().mean()))
     for k, v in values.items():
-        mean, se = _mean_se(torch.tensor(v, dtype=torch.float64))
+        mean, se = mean_and_se(torch.tensor(v, dtype=torch.float64))
         ev.metrics[f"{prefix}{k}{suffix}"] = mean
         if len(v) > 1:
             ev.metrics[f"{prefix}{k}{suffix}_se"] = se
@@ -455,7 +449,7 @@ def evaluate_flow(
     train, val, test, other = fashion["train"], fashion["val"], fashion["test"], fashion["other"]
     mnist_images = official_test_images(mnist)
     bpd_test = per_image_bpd(model, test, seed=seed).cpu()
-    ev.metrics["test_bpd"], ev.metrics["test_bpd_se"] = _mean_se(bpd_test)
+    ev.metrics["test_bpd"], ev.metrics["test_bpd_se"] = mean_and_se(bpd_test)
     # Score = log-likelihood = -bpd * D ln 2: a monotone map, so the AUROC of -bpd is the same.
     _ood(ev, "ood_auroc", -bpd_test, -per_image_bpd(model, other, seed=seed + 1).cpu())
     _ood(ev, "ood_auroc_mnist", -bpd_test, -per_image_bpd(model, mnist_images, seed=seed + 2).cpu())
@@ -504,7 +498,7 @@ def _image_baselines(
         )
         prefix = f"baseline_{name}_"
         bpd_test = base.bpd(test, make_generator(seed))
-        ev.metrics[prefix + "test_bpd"], ev.metrics[prefix + "test_bpd_se"] = _mean_se(bpd_test)
+        ev.metrics[prefix + "test_bpd"], ev.metrics[prefix + "test_bpd_se"] = mean_and_se(bpd_test)
         for i, (key, images) in enumerate(ood_sets.items()):
             _ood(ev, prefix + key, -bpd_test, -base.bpd(images, make_generator(seed + 1 + i)), curve=False)
         _fid_block(ev, prefix, classifier, base.sample_images(n_fid, _gen(cfg, name)), test, None)

@@ -251,6 +251,15 @@ def update_average(average: list[torch.Tensor], params: list[torch.Tensor], deca
     torch._foreach_lerp_(average, params, 1.0 - d)
 
 
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``values`` (N,) and its standard error ``std / sqrt(N)`` (unbiased std; NaN for
+    N < 2), in float64 on the CPU: every reported "mean +- se" (test NLL, bits/dim, metric draws,
+    floors) is this one computation, whatever device produced the values."""
+    v = values.detach().to("cpu", torch.float64)
+    se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
+    return float(v.mean()), se
+
+
 def check_finite(value: float, what: str, epoch: int) -> None:
     """Raise :class:`NonFiniteLossError` when ``value`` is NaN or infinite."""
     if not math.isfinite(value):

@@ -189,6 +189,24 @@ def resolve_input(path: str) -> Path:
 # --------------------------------------------------------------------------- output writing
 
 
+def load_points2d(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The prepared 2D point set that ``prepare@points2d`` writes: ``train``, ``val``, ``test``
+    tensors (N, 2), ``name``, and for a built-in set ``true_entropy``(``_se``).
+
+    A missing file, or one without the three splits of shape (N, 2), fails here with the file's
+    name and the command that (re)makes it, before a stage trains or evaluates anything.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: prepared 2D points not found; run `dvc repro prepare@points2d` first")
+    data = torch.load(p, map_location="cpu", weights_only=True)
+    for split in ("train", "val", "test"):
+        t = data.get(split) if isinstance(data, dict) else None
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != 2:
+            raise FileNotFoundError(f"{p}: no '{split}' tensor of shape (N, 2); re-run `dvc repro prepare@points2d`")
+    return data
+
+
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
     """Sorted, indented JSON written atomically; non-finite floats become null (JSON has no NaN)."""
 
@@ -210,6 +228,85 @@ def write_csv(path: str | os.PathLike[str], history: History) -> None:
 
 
 # --------------------------------------------------------------------------- MLflow
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported here, not at module load:
+    stages that draw nothing should not pay for it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_points_panels(panels: Sequence[tuple[str, torch.Tensor]], path: Path, title: str) -> Any:
+    """The 2D training stages' three-panel scatter figure: data | a noise-space view | samples.
+
+    ``panels``: three (name, points (N, 2)) pairs; the first and last share data-unit limits,
+    the middle one (latent or diffused points, standard-normal-like) is shown on [-4, 4]^2.
+    Written to ``path`` (PNG) without timestamps, so that the same params and seed give
+    byte-identical files; returns the figure (the caller logs it, then closes it).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, (name, pts) in zip(axes, panels, strict=True):
+        p = pts.detach().cpu().numpy()
+        ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.4, rasterized=True)
+        ax.set_title(name, fontsize=10)
+        ax.set_aspect("equal")
+    lim = [min(a.get_xlim()[0] for a in (axes[0], axes[2])), max(a.get_xlim()[1] for a in (axes[0], axes[2]))]
+    for ax in (axes[0], axes[2]):
+        ax.set_xlim(lim)
+        ax.set_ylim(lim)
+    axes[1].set_xlim(-4, 4)
+    axes[1].set_ylim(-4, 4)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    return fig
+
+
+def save_loss_curves(
+    rows: Sequence[Mapping[str, float]],
+    path: Path,
+    *,
+    entropy: float | None,
+    what: str,
+    terms: torch.Tensor | None = None,
+) -> Any:
+    """Train/val loss per epoch (``rows``: History rows with ``epoch``, ``train_loss``,
+    ``val_loss``), labelled ``train <what>`` / ``val <what>``, with the true entropy as a dashed
+    line when known; beside it, when ``terms`` (L,) is given, the mean ELBO term per diffusion
+    step on a log scale. Written to ``path`` (PNG, no timestamps); returns the figure.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if terms is not None else 1, figsize=(10 if terms is not None else 5, 3.5))
+    ax = axes[0] if terms is not None else axes
+    ep = [r["epoch"] for r in rows]
+    ax.plot(ep, [r["train_loss"] for r in rows], label=f"train {what}")
+    ax.plot(ep, [r["val_loss"] for r in rows], label=f"val {what}")
+    if entropy is not None:
+        ax.axhline(entropy, color="k", ls="--", lw=1, label="true entropy")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats")
+    ax.legend()
+    if terms is not None:
+        ax = axes[1]
+        ax.semilogy(range(1, terms.shape[0] + 1), terms.clamp_min(1e-12).cpu().numpy())
+        ax.set_xlabel("step t")
+        ax.set_ylabel("mean ELBO term (nats, w/o constants)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    return fig
+
+
+def close_figure(fig: Any) -> None:
+    """Release a figure from pyplot's registry once it is saved and logged."""
+    _pyplot().close(fig)
 
 
 def tracking_uri() -> str:

@@ -24,7 +24,15 @@ import click
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from _common import load_params_or_exit, mlflow_run, run_stage, setup_torch, stage_main, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    load_params_or_exit,
+    load_points2d,
+    mlflow_run,
+    run_stage,
+    setup_torch,
+    stage_main,
+    write_json,
+)
 
 from genmodels.configs import flatten, to_dict  # noqa: E402
 from genmodels.training import atomic_write_text  # noqa: E402
@@ -52,8 +60,6 @@ def main(
     model_name: str, params_path: str, models_dir: Path, data_dir: Path, metrics_dir: Path, plots_dir: Path
 ) -> None:
     """Evaluate MODEL (realnvp2d, ddpm, flow or ebm)."""
-    import torch
-
     from genmodels import evaluation
 
     t_start = time.perf_counter()
@@ -64,9 +70,7 @@ def main(
     with mlflow_run(f"{STAGE}@{model_name}", params, [], device) as run:
         run.log_params(flatten(to_dict(cfg), "evaluate"))
         if model_name in ("realnvp2d", "ddpm"):
-            points = evaluation.Points.from_prepared(
-                torch.load(data_dir / "points2d.pt", map_location="cpu", weights_only=True)
-            )
+            points = evaluation.Points.from_prepared(load_points2d(data_dir / "points2d.pt"))
             if model_name == "realnvp2d":
                 from genmodels.flows.realnvp2d import load_trained
 
@@ -108,7 +112,9 @@ def main(
     # across runs with the same params and seed, and a time never is.
     timing = {k: v for k, v in ev.metrics.items() if k in TIMING_KEYS}
     write_json(metrics_dir / f"{model_name}.json", {k: v for k, v in ev.metrics.items() if k not in TIMING_KEYS})
-    write_json(metrics_dir / "timing" / f"{model_name}.json", {"evaluate_seconds": time.perf_counter() - t_start, **timing})
+    write_json(
+        metrics_dir / "timing" / f"{model_name}.json", {"evaluate_seconds": time.perf_counter() - t_start, **timing}
+    )
     for line in ev.notes:
         click.echo(f"[{STAGE}@{model_name}] {line}", err=True)
     shown = ", ".join(

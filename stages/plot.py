@@ -38,7 +38,7 @@ import torch
 # This checkout's stages/ and genmodels/ come first, also in DVC's temp experiment copies.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from _common import load_params_or_exit, mlflow_run, run_stage, setup_torch, stage_main  # noqa: E402
+from _common import load_params_or_exit, load_points2d, mlflow_run, run_stage, setup_torch, stage_main  # noqa: E402
 
 from genmodels import plotting as gp  # noqa: E402
 from genmodels.training import make_generator  # noqa: E402
@@ -72,13 +72,6 @@ def _train_metrics(metrics_dir: Path, model: str) -> dict[str, Any]:
     """``metrics/train_<model>.json`` when present, else empty (only reference lines use it)."""
     path = metrics_dir / f"train_{model}.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _points(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / "points2d.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prepared 2D points not found; run `dvc repro prepare@points2d` first")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _true_distribution(points: dict[str, Any]) -> Any | None:
@@ -121,7 +114,7 @@ def plot_realnvp2d(
     from genmodels.flows.realnvp2d import load_trained, sample
 
     model, _ = load_trained(models_dir / "realnvp2d" / "model.pt", device)
-    points = _points(data_dir)
+    points = load_points2d(data_dir / "points2d.pt")
     name = str(points.get("name", "csv"))
     test = points["test"][:N_POINTS].to(device, torch.float32)
     with torch.no_grad():
@@ -156,7 +149,7 @@ def plot_ddpm(
     from genmodels.diffusion import load_trained
 
     model, config = load_trained(models_dir / "ddpm" / "model.pt", device)
-    points = _points(data_dir)
+    points = load_points2d(data_dir / "points2d.pt")
     name = str(points.get("name", "csv"))
     L = int(model.n_steps)
     test = points["test"][:N_POINTS]

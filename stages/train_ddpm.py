@@ -18,7 +18,6 @@ after an interruption.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,13 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from _common import (  # noqa: E402
+    close_figure,
     load_params_or_exit,
+    load_points2d,
     mlflow_run,
     run_stage,
+    save_loss_curves,
+    save_points_panels,
     setup_torch,
     stage_main,
     write_csv,
@@ -44,75 +47,10 @@ from genmodels.data.points2d import get_distribution  # noqa: E402
 from genmodels.diffusion import nll_bound, sample, save_trained, train_ddpm  # noqa: E402
 from genmodels.distributed import cleanup, init_from_env  # noqa: E402
 from genmodels.metrics.sample import DEFAULT_FLOOR_DRAWS, sample_metrics, sample_metrics_with_floor  # noqa: E402
-from genmodels.training import make_generator, resume_path  # noqa: E402
+from genmodels.training import make_generator, mean_and_se, resume_path  # noqa: E402
 
 STAGE = "train_ddpm"
 N_FIGURE = 8192  # points per panel of the figure
-
-
-def _load_points(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prepared 2D points not found; run `dvc repro prepare@points2d` first")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    for split in ("train", "val", "test"):
-        t = data.get(split) if isinstance(data, dict) else None
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != 2:
-            raise FileNotFoundError(f"{path}: no '{split}' tensor of shape (N, 2); re-run `dvc repro prepare@points2d`")
-    return data
-
-
-def _panels(data: torch.Tensor, diffused: torch.Tensor, samples: torch.Tensor, path: Path, title: str):  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    names = ("test data", "forward diffused x_L ~ q(x_L | x_0)", "samples")
-    for ax, pts, name in zip(axes, (data, diffused, samples), names, strict=True):
-        p = pts.detach().cpu().numpy()
-        ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.4, rasterized=True)
-        ax.set_title(name, fontsize=10)
-        ax.set_aspect("equal")
-    lim = [min(a.get_xlim()[0] for a in (axes[0], axes[2])), max(a.get_xlim()[1] for a in (axes[0], axes[2]))]
-    for ax in (axes[0], axes[2]):
-        ax.set_xlim(lim)
-        ax.set_ylim(lim)
-    axes[1].set_xlim(-4, 4)
-    axes[1].set_ylim(-4, 4)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No timestamps in the PNG metadata: same params + seed -> byte-identical files.
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    return fig
-
-
-def _curves(rows: list[dict[str, float]], terms: torch.Tensor | None, path: Path, entropy: float | None):  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if terms is not None else 1, figsize=(10 if terms is not None else 5, 3.5))
-    ax = axes[0] if terms is not None else axes
-    ep = [r["epoch"] for r in rows]
-    ax.plot(ep, [r["train_loss"] for r in rows], label="train (ELBO estimate)")
-    ax.plot(ep, [r["val_loss"] for r in rows], label="val (ELBO estimate)")
-    if entropy is not None:
-        ax.axhline(entropy, color="k", ls="--", lw=1, label="true entropy")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("nats")
-    ax.legend()
-    if terms is not None:
-        ax = axes[1]
-        ax.semilogy(range(1, terms.shape[0] + 1), terms.clamp_min(1e-12).cpu().numpy())
-        ax.set_xlabel("step t")
-        ax.set_ylabel("mean ELBO term (nats, w/o constants)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    return fig
 
 
 @click.command()
@@ -134,7 +72,7 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
     dist_info = init_from_env(setup_torch(params))
     device = dist_info.device
     cfg = params.ddpm
-    data = _load_points(data_path)
+    data = load_points2d(data_path)
     train, val, test = data["train"], data["val"], data["test"]
     name = str(data.get("name", "unknown"))
     entropy = float(data["true_entropy"]) if "true_entropy" in data else None
@@ -194,9 +132,9 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
                 return_terms=True,
             )
             elbo_seconds = time.perf_counter() - t1
-            nb = bound.double().mean().item()
+            nb, nb_se = mean_and_se(bound)
             summary["nll_bound"] = nb
-            summary["nll_bound_se"] = bound.double().std().item() / math.sqrt(n_elbo) if n_elbo > 1 else None
+            summary["nll_bound_se"] = nb_se if n_elbo > 1 else None  # JSON has no NaN
             summary["kl_gap_bound"] = (nb - entropy) if entropy is not None else None
 
         t2 = time.perf_counter()
@@ -221,8 +159,6 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
         write_json(metrics_path, summary)
         write_csv(plots_dir / "train.csv", result.history)
 
-        import matplotlib.pyplot as plt
-
         test_fig = test[:N_FIGURE]
         noise = torch.randn(test_fig.shape, generator=make_generator(cfg.seed + 400))
         s = model.schedule.to("cpu")
@@ -231,19 +167,20 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
         model.schedule.to(device)
         gap = f", bound gap {summary['kl_gap_bound']:.4f}" if summary.get("kl_gap_bound") is not None else ""
         steps = "full chain" if cfg.sampling_steps == cfg.n_steps else f"{cfg.sampling_steps} strided steps"
-        fig = _panels(
-            test_fig,
-            diffused,
-            gen[:N_FIGURE],
+        names = ("test data", "forward diffused x_L ~ q(x_L | x_0)", "samples")
+        fig = save_points_panels(
+            list(zip(names, (test_fig, diffused, gen[:N_FIGURE]), strict=True)),
             plots_dir / "samples.png",
             f"DDPM ({cfg.parameterization}) on {name}: nll_bound {summary.get('nll_bound', float('nan')):.4f}"
             f"{gap}; samples: {steps}",
         )
         run.log_figure(fig, "samples.png")
-        plt.close(fig)
-        fig = _curves(result.history.rows, terms, plots_dir / "train_curves.png", entropy)
+        close_figure(fig)
+        fig = save_loss_curves(
+            result.history.rows, plots_dir / "train_curves.png", entropy=entropy, what="(ELBO estimate)", terms=terms
+        )
         run.log_figure(fig, "train_curves.png")
-        plt.close(fig)
+        close_figure(fig)
 
         # Wall-clock times go to MLflow only: output files must be byte-identical across runs.
         run.log_metrics(

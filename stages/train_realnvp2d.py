@@ -24,9 +24,13 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from _common import (  # noqa: E402
+    close_figure,
     load_params_or_exit,
+    load_points2d,
     mlflow_run,
     run_stage,
+    save_loss_curves,
+    save_points_panels,
     setup_torch,
     stage_main,
     write_csv,
@@ -39,65 +43,6 @@ from genmodels.training import resume_path  # noqa: E402
 
 STAGE = "train_realnvp2d"
 N_FIGURE = 8192  # points per panel of the figure
-
-
-def _load_points(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prepared 2D points not found; run `dvc repro prepare@points2d` first")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    for split in ("train", "val", "test"):
-        t = data.get(split) if isinstance(data, dict) else None
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != 2:
-            raise FileNotFoundError(f"{path}: no '{split}' tensor of shape (N, 2); re-run `dvc repro prepare@points2d`")
-    return data
-
-
-def _panels(data: torch.Tensor, latent: torch.Tensor, samples: torch.Tensor, path: Path, title: str):  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for ax, pts, name in zip(
-        axes, (data, latent, samples), ("test data", "latent z = f(x)", "samples f^-1(z), z ~ N(0, I)"), strict=True
-    ):
-        p = pts.detach().cpu().numpy()
-        ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.4, rasterized=True)
-        ax.set_title(name, fontsize=10)
-        ax.set_aspect("equal")
-    lim = [min(a.get_xlim()[0] for a in (axes[0], axes[2])), max(a.get_xlim()[1] for a in (axes[0], axes[2]))]
-    for ax in (axes[0], axes[2]):
-        ax.set_xlim(lim)
-        ax.set_ylim(lim)
-    axes[1].set_xlim(-4, 4)
-    axes[1].set_ylim(-4, 4)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No timestamps in the PNG metadata: same params + seed -> byte-identical files.
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    return fig
-
-
-def _curves(rows: list[dict[str, float]], path: Path, entropy: float | None):  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ep = [r["epoch"] for r in rows]
-    ax.plot(ep, [r["train_loss"] for r in rows], label="train NLL")
-    ax.plot(ep, [r["val_loss"] for r in rows], label="val NLL")
-    if entropy is not None:
-        ax.axhline(entropy, color="k", ls="--", lw=1, label="true entropy")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("nats")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    return fig
 
 
 @click.command()
@@ -123,7 +68,7 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
     dist_info = init_from_env(setup_torch(params))
     device = dist_info.device
     cfg = params.realnvp2d
-    data = _load_points(data_path)
+    data = load_points2d(data_path)
     train, val, test = data["train"], data["val"], data["test"]
     name = str(data.get("name", "unknown"))
     entropy = float(data["true_entropy"]) if "true_entropy" in data else None
@@ -182,21 +127,18 @@ def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, me
             latent, _ = model.transform(test_d[:N_FIGURE])
         gen = sample(model, N_FIGURE, seed=cfg.seed + 100)
         gap = f", KL gap {summary['kl_gap']:.4f}" if entropy is not None else ""
-        import matplotlib.pyplot as plt
-
-        fig = _panels(
-            test_d[:N_FIGURE],
-            latent,
-            gen,
+        names = ("test data", "latent z = f(x)", "samples f^-1(z), z ~ N(0, I)")
+        fig = save_points_panels(
+            list(zip(names, (test_d[:N_FIGURE], latent, gen), strict=True)),
             plots_dir / "samples.png",
             f"RealNVP 2D on {name}: test NLL {test_nll:.4f}{gap}",
         )
         run.log_figure(fig, "samples.png")
-        plt.close(fig)
+        close_figure(fig)
         if result.history.rows:
-            fig = _curves(result.history.rows, plots_dir / "train_curves.png", entropy)
+            fig = save_loss_curves(result.history.rows, plots_dir / "train_curves.png", entropy=entropy, what="NLL")
             run.log_figure(fig, "train_curves.png")
-            plt.close(fig)
+            close_figure(fig)
 
         # Wall-clock time goes to MLflow only: output files must be byte-identical across runs.
         run.log_metrics(

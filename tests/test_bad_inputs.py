@@ -77,6 +77,29 @@ def test_bad_csv(dvc_project: DvcProject, case: str, text: str, fragment: str) -
     assert fragment in _stage_fails(dvc_project, "stages/prepare.py", "points2d")
 
 
+@pytest.mark.parametrize("stage", [("stages/train_realnvp2d.py",), ("stages/train_ddpm.py",), ("stages/evaluate.py", "ddpm")])
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("missing", "prepared 2D points not found; run `dvc repro prepare@points2d` first"),
+        ("3 columns", "no 'train' tensor of shape (N, 2); re-run `dvc repro prepare@points2d`"),
+        ("not a dict", "no 'train' tensor of shape (N, 2)"),
+    ],
+)
+def test_bad_prepared_points(dvc_project: DvcProject, stage: tuple[str, ...], case: str, fragment: str) -> None:
+    """Every stage that reads data/prepared/points2d.pt checks it before training or evaluating
+    anything (one shared loader), and names the file and the command that remakes it."""
+    path = dvc_project.root / "data/prepared/points2d.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if case == "3 columns":
+        torch.save({"train": torch.zeros(8, 3), "val": torch.zeros(4, 2), "test": torch.zeros(4, 2)}, path)
+    elif case == "not a dict":
+        torch.save(torch.zeros(8, 2), path)
+    msg = _stage_fails(dvc_project, *stage)
+    assert f"error: {Path('data/prepared/points2d.pt')}: {fragment}" in msg, msg[-2000:]
+    assert not (dvc_project.root / "models").exists()  # failed before anything was written
+
+
 @pytest.mark.parametrize("damage", ["truncated", "wrong magic"])
 def test_damaged_idx_in_raw_dir(dvc_project: DvcProject, shared_data: Path, damage: str) -> None:
     name = "t10k-labels-idx1-ubyte.gz"

@@ -1,17 +1,21 @@
-"""configure_torch: the deterministic flag reaches ATen without importing inductor.
-
-Each case runs in a fresh interpreter, because the flag and ``sys.modules`` are process-wide.
+"""configure_torch: the deterministic flag reaches ATen without importing inductor (each case
+in a fresh interpreter, because the flag and ``sys.modules`` are process-wide); the CPU
+allocator tuning; ``mean_and_se``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
+from genmodels.training import mean_and_se
 
 _PROBE = """
 import json, sys
@@ -108,3 +112,19 @@ def test_tuned_allocator_reuses_freed_activation_memory() -> None:
     assert tuned["tuned"] is True
     assert plain["faults_per_step"] > 250, plain  # > 1 MiB of fresh pages per step (measured: 566)
     assert tuned["faults_per_step"] < 0.5 * plain["faults_per_step"], (tuned, plain)  # measured: 51-128
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_and_se_against_the_statistics_module(dtype: torch.dtype) -> None:
+    """The one "mean +- se" every stage reports: float64 mean and unbiased std / sqrt(N) of the
+    values as given (a float32 tensor's own values, not re-rounded), checked against Python's
+    ``statistics`` on exact floats; NaN standard error for a single value."""
+    v = (torch.randn(1001, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 7).to(dtype)
+    floats = [float(x) for x in v]
+    mean, se = mean_and_se(v)
+    assert mean == pytest.approx(statistics.fmean(floats), rel=1e-14)
+    assert se == pytest.approx(statistics.stdev(floats) / math.sqrt(len(floats)), rel=1e-12)
+    # float32 input: the sum is taken in float64 (a float32 sum of 1001 values near 7 is off by ~1e-6)
+    assert abs(mean - statistics.fmean(floats)) < 1e-12
+    m1, se1 = mean_and_se(v[:1])
+    assert m1 == floats[0] and math.isnan(se1)

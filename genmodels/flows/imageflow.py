@@ -50,6 +50,7 @@ from genmodels.training import (
     generator_state,
     load_checkpoint,
     make_generator,
+    mean_and_se,  # re-exported: train_flow and bench_flow report test bits/dim with it
     save_checkpoint,
     set_generator_state,
 )
@@ -219,13 +220,6 @@ def per_image_bpd(model: ImageFlow, images: Tensor, *, seed: int, batch_size: in
             out[i : i + batch_size] += model.bpd(dequantize(batch, g)).to(torch.float64)
     model.train(was_training)
     return out / n_dequant
-
-
-def mean_and_se(values: Tensor) -> tuple[float, float]:
-    """Mean and its standard error of ``values`` (N,)."""
-    v = values.to(torch.float64)
-    se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
-    return float(v.mean()), se
 
 
 @dataclass

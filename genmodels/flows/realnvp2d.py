@@ -12,7 +12,6 @@ Reference: Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", I
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from genmodels.training import (
     generator_state,
     load_checkpoint,
     make_generator,
+    mean_and_se,
     set_generator_state,
     update_average,
 )
@@ -114,9 +114,7 @@ def nll(model: Flow, x: Tensor, batch_size: int = EVAL_BATCH) -> Tensor:
 
 def mean_nll(model: Flow, x: Tensor, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
     """Mean NLL (nats) of ``x`` (N, 2) and its standard error ``std / sqrt(N)``."""
-    v = nll(model, x, batch_size).double()
-    se = float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
-    return float(v.mean()), se
+    return mean_and_se(nll(model, x, batch_size))
 
 
 @dataclass

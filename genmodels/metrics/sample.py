@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from genmodels.training import mean_and_se
+
 DEFAULT_BANDWIDTHS: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
 """RBF bandwidths (data units) of :func:`mmd2`. The kernel is the *mean* of the RBF kernels
 ``exp(-|x - y|^2 / (2 h^2))`` over these ``h``: the 2D point sets span a few units, so the
@@ -465,9 +467,7 @@ def real_vs_real_floors(
         vals["swd"].append(_sw2_sorted(sorted_projections(r, directions), py) ** 0.5)
     out: dict[str, float] = {}
     for key, v in vals.items():
-        t = torch.tensor(v, dtype=torch.float64)
-        out[key + "_floor"] = float(t.mean())
-        out[key + "_floor_se"] = float(t.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+        out[key + "_floor"], out[key + "_floor_se"] = mean_and_se(torch.tensor(v, dtype=torch.float64))
     for key in ("mmd", "energy_distance"):
         out[key + "_floor_unconditional"] = unconditional[key + "_floor"]
     return out
