@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -38,6 +39,7 @@ from genmodels.training import (
     atomic_write_text,
     configure_torch,
     resolve_device,
+    resume_path,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -205,6 +207,51 @@ def load_points2d(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != 2:
             raise FileNotFoundError(f"{p}: no '{split}' tensor of shape (N, 2); re-run `dvc repro prepare@points2d`")
     return data
+
+
+@dataclass
+class Points2DStart:
+    """What a 2D training stage (``train_realnvp2d``, ``train_ddpm``) starts from.
+
+    Attributes:
+        params: the checked params; dist: this process's place in a (torchrun) job, with its
+        device; train, val, test: (N, 2) splits; name: the point set's name; entropy: its true
+        entropy (None for a CSV); resume: the stage's resume-state path.
+    """
+
+    params: Params
+    dist: Any  # genmodels.distributed.DistInfo
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    name: str
+    entropy: float | None
+    resume: Path
+
+
+def start_points2d_training(stage: str, params_path: str, data_path: Path) -> Points2DStart:
+    """Params, torch set-up, the process group, the checked 2D points and the resume path, in
+    the order every 2D training stage needs them (bad params or data fail before any work)."""
+    # imported here: the stages that never train (prepare) do not depend on it in dvc.yaml
+    from genmodels.distributed import init_from_env
+
+    params = load_params_or_exit(params_path)
+    # Under `torchrun --nproc_per_node N` this joins the process group (gloo on CPU, nccl on
+    # CUDA, one GPU per rank); run plainly it is a single process and changes nothing.
+    dist_info = init_from_env(setup_torch(params))
+    data = load_points2d(data_path)
+    train, val, test = data["train"], data["val"], data["test"]
+    name = str(data.get("name", "unknown"))
+    click.echo(
+        f"[{stage}] 2D set '{name}': train {train.shape[0]}, val {val.shape[0]}, test {test.shape[0]}; "
+        f"device {dist_info.device}",
+        err=True,
+    )
+    resume = resume_path(Path.cwd(), stage)
+    if dist_info.is_main and resume.is_file():
+        click.echo(f"[{stage}] found resume state {resume}; continuing from it if its config matches", err=True)
+    entropy = float(data["true_entropy"]) if "true_entropy" in data else None
+    return Points2DStart(params, dist_info, train, val, test, name, entropy, resume)
 
 
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:

@@ -30,14 +30,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from _common import (  # noqa: E402
     close_figure,
-    load_params_or_exit,
-    load_points2d,
     mlflow_run,
     run_stage,
     save_loss_curves,
     save_points_panels,
-    setup_torch,
     stage_main,
+    start_points2d_training,
     write_csv,
     write_json,
 )
@@ -45,9 +43,9 @@ from _common import (  # noqa: E402
 from genmodels.configs.base import to_dict  # noqa: E402
 from genmodels.data.points2d import get_distribution  # noqa: E402
 from genmodels.diffusion import nll_bound, sample, save_trained, train_ddpm  # noqa: E402
-from genmodels.distributed import cleanup, init_from_env  # noqa: E402
+from genmodels.distributed import cleanup  # noqa: E402
 from genmodels.metrics.sample import DEFAULT_FLOOR_DRAWS, sample_metrics, sample_metrics_with_floor  # noqa: E402
-from genmodels.training import make_generator, mean_and_se, resume_path  # noqa: E402
+from genmodels.training import make_generator, mean_and_se  # noqa: E402
 
 STAGE = "train_ddpm"
 N_FIGURE = 8192  # points per panel of the figure
@@ -66,28 +64,15 @@ N_FIGURE = 8192  # points per panel of the figure
 @stage_main
 def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, metrics_path: Path) -> None:
     """Train a DDPM on the prepared 2D points."""
-    params = load_params_or_exit(params_path)
-    # Under `torchrun --nproc_per_node N` this joins the process group (gloo on CPU, nccl on
-    # CUDA, one GPU per rank); run plainly it is a single process and changes nothing.
-    dist_info = init_from_env(setup_torch(params))
-    device = dist_info.device
+    start = start_points2d_training(STAGE, params_path, data_path)
+    params, dist_info, device, resume = start.params, start.dist, start.dist.device, start.resume
+    train, val, test, name, entropy = start.train, start.val, start.test, start.name, start.entropy
     cfg = params.ddpm
-    data = load_points2d(data_path)
-    train, val, test = data["train"], data["val"], data["test"]
-    name = str(data.get("name", "unknown"))
-    entropy = float(data["true_entropy"]) if "true_entropy" in data else None
-    click.echo(
-        f"[{STAGE}] 2D set '{name}': train {train.shape[0]}, val {val.shape[0]}, test {test.shape[0]}; device {device}",
-        err=True,
-    )
-    resume = resume_path(Path.cwd(), STAGE)
     if not dist_info.is_main:
         # Other ranks only contribute gradients: rank 0 alone logs to MLflow and writes outputs.
         train_ddpm(cfg, train, val, device=device, resume_path=resume, dist=dist_info)
         cleanup()
         return
-    if resume.is_file():
-        click.echo(f"[{STAGE}] found resume state {resume}; continuing from it if its config matches", err=True)
 
     with mlflow_run(STAGE, params, ["ddpm"], device) as run:
         run.set_tags({"data.points2d.name": name, "world_size": dist_info.world_size})

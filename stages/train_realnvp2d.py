@@ -25,21 +25,18 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from _common import (  # noqa: E402
     close_figure,
-    load_params_or_exit,
-    load_points2d,
     mlflow_run,
     run_stage,
     save_loss_curves,
     save_points_panels,
-    setup_torch,
     stage_main,
+    start_points2d_training,
     write_csv,
     write_json,
 )
 
-from genmodels.distributed import cleanup, init_from_env  # noqa: E402
+from genmodels.distributed import cleanup  # noqa: E402
 from genmodels.flows.realnvp2d import mean_nll, sample, save_trained, train_realnvp2d  # noqa: E402
-from genmodels.training import resume_path  # noqa: E402
 
 STAGE = "train_realnvp2d"
 N_FIGURE = 8192  # points per panel of the figure
@@ -62,28 +59,15 @@ N_FIGURE = 8192  # points per panel of the figure
 @stage_main
 def main(params_path: str, data_path: Path, model_dir: Path, plots_dir: Path, metrics_path: Path) -> None:
     """Train RealNVP on the prepared 2D points."""
-    params = load_params_or_exit(params_path)
-    # Under `torchrun --nproc_per_node N` this joins the process group (gloo on CPU, nccl on
-    # CUDA, one GPU per rank); run plainly it is a single process and changes nothing.
-    dist_info = init_from_env(setup_torch(params))
-    device = dist_info.device
+    start = start_points2d_training(STAGE, params_path, data_path)
+    params, dist_info, device, resume = start.params, start.dist, start.dist.device, start.resume
+    train, val, test, name, entropy = start.train, start.val, start.test, start.name, start.entropy
     cfg = params.realnvp2d
-    data = load_points2d(data_path)
-    train, val, test = data["train"], data["val"], data["test"]
-    name = str(data.get("name", "unknown"))
-    entropy = float(data["true_entropy"]) if "true_entropy" in data else None
-    click.echo(
-        f"[{STAGE}] 2D set '{name}': train {train.shape[0]}, val {val.shape[0]}, test {test.shape[0]}; device {device}",
-        err=True,
-    )
-    resume = resume_path(Path.cwd(), STAGE)
     if not dist_info.is_main:
         # Other ranks only contribute gradients: rank 0 alone logs to MLflow and writes outputs.
         train_realnvp2d(cfg, train, val, device=device, resume_path=resume, dist=dist_info)
         cleanup()
         return
-    if resume.is_file():
-        click.echo(f"[{STAGE}] found resume state {resume}; continuing from it if its config matches", err=True)
 
     with mlflow_run(STAGE, params, ["realnvp2d"], device) as run:
         run.set_tags({"data.points2d.name": name, "world_size": dist_info.world_size})
