@@ -1,4 +1,5 @@
-"""Glue shared by the stage scripts: params, torch set-up, MLflow tracking, output writing, errors.
+"""Glue shared by the stage scripts: params, torch set-up, MLflow tracking, output writing, errors,
+the prepared 2D points and the 2D training stages' start and figures.
 
 Stage scripts parse paths (click), read params, call ``genmodels``, log and write. This
 module holds the parts they share so each stage stays thin. It is the only place that
@@ -191,6 +192,29 @@ def resolve_input(path: str) -> Path:
 # --------------------------------------------------------------------------- output writing
 
 
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
+    """Sorted, indented JSON written atomically; non-finite floats become null (JSON has no NaN)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, Mapping):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    atomic_write_text(json.dumps(clean(dict(data)), indent=2, sort_keys=True) + "\n", path)
+
+
+def write_csv(path: str | os.PathLike[str], history: History) -> None:
+    """Per-epoch series as CSV for ``dvc plots`` (atomic)."""
+    atomic_write_text(history.to_csv(), path)
+
+
+# --------------------------------------------------------------------------- 2D point sets (stages that read points2d.pt)
+
+
 def load_points2d(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The prepared 2D point set that ``prepare@points2d`` writes: ``train``, ``val``, ``test``
     tensors (N, 2), ``name``, and for a built-in set ``true_entropy``(``_se``).
@@ -252,29 +276,6 @@ def start_points2d_training(stage: str, params_path: str, data_path: Path) -> Po
         click.echo(f"[{stage}] found resume state {resume}; continuing from it if its config matches", err=True)
     entropy = float(data["true_entropy"]) if "true_entropy" in data else None
     return Points2DStart(params, dist_info, train, val, test, name, entropy, resume)
-
-
-def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
-    """Sorted, indented JSON written atomically; non-finite floats become null (JSON has no NaN)."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, Mapping):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    atomic_write_text(json.dumps(clean(dict(data)), indent=2, sort_keys=True) + "\n", path)
-
-
-def write_csv(path: str | os.PathLike[str], history: History) -> None:
-    """Per-epoch series as CSV for ``dvc plots`` (atomic)."""
-    atomic_write_text(history.to_csv(), path)
-
-
-# --------------------------------------------------------------------------- MLflow
 
 
 def _pyplot() -> Any:
@@ -354,6 +355,9 @@ def save_loss_curves(
 def close_figure(fig: Any) -> None:
     """Release a figure from pyplot's registry once it is saved and logged."""
     _pyplot().close(fig)
+
+
+# --------------------------------------------------------------------------- MLflow
 
 
 def tracking_uri() -> str:
