@@ -77,7 +77,9 @@ def test_bad_csv(dvc_project: DvcProject, case: str, text: str, fragment: str) -
     assert fragment in _stage_fails(dvc_project, "stages/prepare.py", "points2d")
 
 
-@pytest.mark.parametrize("stage", [("stages/train_realnvp2d.py",), ("stages/train_ddpm.py",), ("stages/evaluate.py", "ddpm")])
+@pytest.mark.parametrize(
+    "stage", [("stages/train_realnvp2d.py",), ("stages/train_ddpm.py",), ("stages/evaluate.py", "ddpm")]
+)
 @pytest.mark.parametrize(
     ("case", "fragment"),
     [
