@@ -108,10 +108,15 @@ def test_tuned_allocator_reuses_freed_activation_memory() -> None:
     activations and gradients of 1 MiB. glibc serves them by mmap above its threshold and trims
     the freed heap top, so every step page-faults its memory in anew; with the thresholds raised
     the freed blocks are reused and a step faults a fraction of those pages in."""
-    plain, tuned = _faults(False), _faults(True)
-    assert tuned["tuned"] is True
-    assert plain["faults_per_step"] > 250, plain  # > 1 MiB of fresh pages per step (measured: 566)
-    assert tuned["faults_per_step"] < 0.5 * plain["faults_per_step"], (tuned, plain)  # measured: 51-128
+    # How much glibc faults in varies from process to process with where its dynamic mmap
+    # threshold settles (plain: 246-670 per step over 11 processes on the 2026-12-08 machine;
+    # tuned: 0-128), so each side is the median of three processes.
+    runs = {tune: [_faults(tune) for _ in range(3)] for tune in (False, True)}
+    assert all(r["tuned"] is True for r in runs[True])
+    plain = statistics.median(r["faults_per_step"] for r in runs[False])
+    tuned = statistics.median(r["faults_per_step"] for r in runs[True])
+    assert plain > 150, runs  # > 0.6 MiB of fresh pages per step, or there is nothing to compare
+    assert tuned < 0.5 * plain, runs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
