@@ -197,15 +197,12 @@ class Checkerboard(Distribution2D):
         """
         x = x.to(torch.float64)
         in_box = (x.abs() <= 2).all(dim=1)
-        cell = torch.floor(x)
-        dark = torch.zeros_like(in_box)
-        # the squares a point touches: its own cell, and the one below/left along an integer coordinate
-        for dx in (0, 1):
-            for dy in (0, 1):
-                c = cell - torch.tensor([dx, dy], dtype=x.dtype)
-                touches = ((x[:, 0] == cell[:, 0]) | (dx == 0)) & ((x[:, 1] == cell[:, 1]) | (dy == 0))
-                on_board = ((c >= -2) & (c <= 1)).all(dim=1)
-                dark |= touches & on_board & ((c[:, 0] + c[:, 1]) % 2 == 0)
+        # Along each axis a coordinate touches the cells floor(x) and ceil(x) - 1 (the same cell
+        # unless x is an integer). Clamped to the board's cells -2..1: on the box's own edges
+        # (x = +-2) the off-board candidate becomes the other one, which the point does touch.
+        cells = torch.stack([torch.floor(x), torch.ceil(x) - 1]).clamp(-2, 1)  # (2, B, 2)
+        a, b = cells[..., 0], cells[..., 1]  # (2, B) candidates per axis
+        dark = ((a[:, None] + b[None, :]) % 2 == 0).flatten(0, 1).any(dim=0)  # any of the 2 x 2 pairs
         return in_box & dark
 
     def log_prob(self, x: Tensor) -> Tensor:
